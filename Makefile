@@ -1,0 +1,37 @@
+# flux-serve: `make serve` serves deploy/local.yaml; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+
+# Ray on a shared machine: bind to 127.0.0.1, no usage stats, no token auth for the local CLI.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup serve test bench clean
+
+setup: $(STAMP)
+
+# Reinstalls only when the pins change. torch==2.13.0 is pinned so pip never pulls a CUDA build.
+$(STAMP): requirements.lock pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+# --address local: always a fresh single-machine Ray, never someone else's cluster.
+serve: setup
+	$(VENV)/bin/serve run --address local deploy/local.yaml
+
+# pytest's exit 5 (no test collected) is a failure.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || { echo "no tests ran" >&2; exit 1; }; exit $$rc
+
+bench: setup
+	$(PY) -m bench.compare
+
+clean:
+	rm -rf $(VENV) .flux-serve .pytest_cache

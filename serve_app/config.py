@@ -1,0 +1,110 @@
+"""AppArgs: the typed `args` of a Serve config YAML (one pydantic model, validated at start).
+
+Config models forbid unknown fields, so a typo in a YAML fails `serve run` with a clear message
+instead of being ignored. Defaults live only here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+TINY_SOURCE = "tiny"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(StrictModel):
+    id: str = Field("flux", description="The `model` value clients send")
+    source: str = Field(
+        TINY_SOURCE,
+        description="`tiny` (the built-in small model), a Hugging Face repo id, or a local diffusers directory",
+    )
+    base_model: str = Field("black-forest-labs/FLUX.1-dev", description="Reported by GET /v1/models")
+    revision: str | None = Field(None, description="Hugging Face revision of `source`")
+    default_steps: PositiveInt = 25
+    default_guidance_scale: float = 4.0
+
+
+class Limits(StrictModel):
+    max_prompts_per_request: PositiveInt = Field(16, description="Prompts (images) in one request")
+    max_prompt_chars: PositiveInt = Field(4000, description="Characters in one prompt")
+    max_pixels_per_image: PositiveInt = Field(4096 * 4096, description="width × height after flooring to 16")
+    max_work_per_request: PositiveInt = Field(
+        16 * 1024 * 1024 * 50, description="Sum over prompts of width × height × steps"
+    )
+    max_loras_per_request: PositiveInt = Field(4, description="LoRAs stacked in one request")
+    max_body_bytes: PositiveInt = Field(1_000_000, description="Request body size (413 above)")
+
+
+class LoraArgs(StrictModel):
+    root: str = Field(".flux-serve/loras", description="Directory relative LoRA paths resolve under")
+    cache_dir: str = Field(".flux-serve/lora-cache", description="Disk cache of downloaded LoRA files")
+    cache_max_bytes: PositiveInt = Field(20 * 2**30, description="Size cap of the download cache (LRU)")
+    max_file_bytes: PositiveInt = Field(2 * 2**30, description="Largest LoRA file accepted")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["huggingface.co", "civitai.com"],
+        description="Hosts http(s):// LoRA URLs may name; a leading `.` allows subdomains",
+    )
+    download_timeout_s: PositiveFloat = 60.0
+    download_retries: int = Field(3, ge=1, description="Attempts per download, with backoff")
+    hf_enabled: bool = Field(True, description="Allow hf://owner/repo/file sources")
+    max_adapters_per_replica: PositiveInt = Field(8, description="LRU size of each replica's adapter cache")
+    write_demo: bool = Field(False, description="Write the demo LoRA for the built-in small model on start")
+
+
+class JobArgs(StrictModel):
+    max_jobs: PositiveInt = Field(1000, description="Finished jobs kept; the oldest are dropped first")
+    ttl_s: PositiveFloat = Field(3600.0, description="Seconds a finished job's result is kept")
+    max_dispatched_items: PositiveInt = Field(
+        64, description="Async work items sent to the generators at once; the rest wait `in_queue`"
+    )
+    timeout_s: PositiveFloat = Field(600.0, description="Seconds a request may take, queueing included")
+
+
+class BatchArgs(StrictModel):
+    pixel_budget: PositiveInt = Field(
+        512 * 512 * 4, description="Pixels one pipeline call may hold; larger images run alone"
+    )
+
+
+class AppArgs(StrictModel):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: PositiveInt | None = Field(None, description="torch intra-op threads of a CPU replica")
+    loras: LoraArgs = Field(default_factory=LoraArgs)
+    limits: Limits = Field(default_factory=Limits)
+    jobs: JobArgs = Field(default_factory=JobArgs)
+    batching: BatchArgs = Field(default_factory=BatchArgs)
+    base_url: str | None = Field(None, description="Prefix for status/result/image URLs; paths if unset")
+    cors_origins: list[str] = Field(default_factory=list)
+    strict_reference: bool = Field(False, description="Answer SINGLE_LORA_ONLY / LORA_FILE_REQUIRED like the reference")
+    fault_injection: bool = Field(
+        False, description="Test only: a prompt containing `[[fail]]` fails in the engine"
+    )
+
+    @model_validator(mode="after")
+    def _base_url_has_no_trailing_slash(self) -> "AppArgs":
+        if self.base_url is not None and self.base_url.endswith("/"):
+            object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        return self
+
+    def resolved(self, start_dir: str | None = None) -> "AppArgs":
+        """A copy with the LoRA root and cache resolved to absolute paths, once, by the app builder.
+
+        Relative paths are taken against the directory `serve run` starts in, so every replica
+        (whatever its working directory) sees the same files.
+        """
+        base = Path(start_dir or os.getcwd())
+        loras = self.loras.model_copy(
+            update={
+                "root": str((base / self.loras.root).resolve()),
+                "cache_dir": str((base / self.loras.cache_dir).resolve()),
+            }
+        )
+        return self.model_copy(update={"loras": loras})

@@ -1,0 +1,1 @@
+"""The engine layer: plain Python over diffusers, no Ray."""

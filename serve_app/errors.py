@@ -1,0 +1,81 @@
+"""The error type every layer raises, and the codes of the API contract (SPEC section 3).
+
+An `ApiError` crosses Ray DeploymentHandles, so it must survive pickling: `__reduce__`
+rebuilds it from exactly the arguments its `__init__` takes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Request errors: answered before any work is queued.
+VALIDATION_ERROR = "VALIDATION_ERROR"
+MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+LORA_NOT_FOUND = "LORA_NOT_FOUND"
+LORA_SOURCE_FORBIDDEN = "LORA_SOURCE_FORBIDDEN"
+LORA_INVALID = "LORA_INVALID"
+LORA_INCOMPATIBLE = "LORA_INCOMPATIBLE"
+LORA_DOWNLOAD_FAILED = "LORA_DOWNLOAD_FAILED"
+LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
+SINGLE_LORA_ONLY = "SINGLE_LORA_ONLY"
+LORA_FILE_REQUIRED = "LORA_FILE_REQUIRED"
+REQUEST_NOT_FOUND = "REQUEST_NOT_FOUND"
+UNAUTHORIZED = "UNAUTHORIZED"
+BODY_TOO_LARGE = "BODY_TOO_LARGE"
+OVERLOADED = "OVERLOADED"
+# Job failures: reported in a job's status, not as an HTTP error of the submit call.
+TIMEOUT = "TIMEOUT"
+CANCELED = "CANCELED"
+REPLICA_FAILED = "REPLICA_FAILED"
+GENERATION_FAILED = "GENERATION_FAILED"
+
+HTTP_STATUS: dict[str, int] = {
+    VALIDATION_ERROR: 422,
+    MODEL_NOT_FOUND: 400,
+    LORA_NOT_FOUND: 400,
+    LORA_SOURCE_FORBIDDEN: 400,
+    LORA_INVALID: 400,
+    LORA_INCOMPATIBLE: 400,
+    LORA_DOWNLOAD_FAILED: 400,
+    LIMIT_EXCEEDED: 400,
+    SINGLE_LORA_ONLY: 400,
+    LORA_FILE_REQUIRED: 400,
+    REQUEST_NOT_FOUND: 404,
+    UNAUTHORIZED: 401,
+    BODY_TOO_LARGE: 413,
+    OVERLOADED: 503,
+    TIMEOUT: 504,
+    CANCELED: 409,
+    REPLICA_FAILED: 500,
+    GENERATION_FAILED: 500,
+}
+
+
+class ApiError(Exception):
+    """An error with a contract code, an HTTP status and details for the client.
+
+    Args:
+        code: one of the codes above.
+        message: a sentence for a person, naming the field and the value at fault.
+        details: JSON-serialisable facts (field path, limit and value, ...).
+    """
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None):
+        super().__init__(code, message, details)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+    @property
+    def status_code(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
+
+    def to_body(self) -> dict[str, Any]:
+        """The error envelope of SPEC section 3."""
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.message, self.details))
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"

@@ -1,0 +1,147 @@
+"""The HTTP contract: request, response and error models (SPEC sections 1 and 3).
+
+Request models ignore unknown fields, as the reference server does, so a client written for it
+keeps working. Bounds live here and only here; limits that an operator sets (prompts per request,
+prompt length, pixels) live in `config.Limits` and are checked in `workitems.build_work_items`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**64 - 1
+OutputFormat = Literal["jpeg", "png", "webp"]
+JobStatus = Literal["in_queue", "in_progress", "succeeded", "failed", "canceled"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+class LoraItem(_Request):
+    path: str = Field(min_length=1, description="Path under the LoRA root, http(s):// URL or hf://owner/repo/file")
+    network_multiplier: float | None = Field(
+        None, ge=-2.0, le=2.0, description="LoRA scale; default 1.0. 0 gives the base model's image."
+    )
+
+    _check_multiplier = field_validator("network_multiplier")(_finite)
+
+
+class PromptItem(_Request):
+    prompt: str = Field(description="The text; `[trigger]` is replaced by the trigger word")
+    trigger_word: str | None = Field(None, description="Overrides the request's trigger_word for this prompt")
+    width: int | None = Field(None, ge=64, le=4096, description="Default 1024; floored to a multiple of 16")
+    height: int | None = Field(None, ge=64, le=4096, description="Default 1024; floored to a multiple of 16")
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="Default 42 + prompt index; -1 draws one")
+    sample_steps: int | None = Field(None, ge=1, le=150, description="Denoising steps, default 25")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=20.0, description="FLUX distilled guidance (not CFG), default 4.0"
+    )
+    neg: str | None = Field(None, description="Accepted; no effect on FLUX.1-dev, as in the reference")
+
+    _check_guidance = field_validator("guidance_scale")(_finite)
+
+
+class InferenceRequest(_Request):
+    model: str = Field(description="A configured model id, e.g. `flux`")
+    trigger_word: str | None = Field(None, description="Replaces `[trigger]` in every prompt")
+    prompts: list[PromptItem] = Field(min_length=1, description="One image per prompt, in order")
+    loras: list[LoraItem] = Field(default_factory=list, description="Empty or absent: the base model")
+    output_format: OutputFormat = Field("jpeg", description="Image encoding; JPEG quality 95 as the reference")
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "flux",
+                    "trigger_word": "sks",
+                    "prompts": [
+                        {"prompt": "[trigger] a photo of a person", "width": 1024, "height": 1024,
+                         "seed": 42, "sample_steps": 25, "guidance_scale": 4.0, "neg": ""}
+                    ],
+                    "loras": [{"path": "demo/demo_lora.safetensors", "network_multiplier": 1.0}],
+                }
+            ]
+        },
+    )
+
+
+# ---- responses ---------------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class SubmitResponse(BaseModel):
+    request_id: str
+    status: Literal["queued"] = "queued"
+    status_url: str
+    result_url: str
+    created_at: str
+
+
+class StatusResponse(BaseModel):
+    request_id: str
+    status: JobStatus
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = None
+    error_code: str | None = None
+
+
+class ImageOutput(BaseModel):
+    index: int
+    format: OutputFormat
+    width: int
+    height: int
+    seed: int
+    url: str | None = None
+    data: str | None = Field(None, description="Base64 of the file bytes (sync endpoint only)")
+
+
+class ResultResponse(BaseModel):
+    request_id: str
+    status: JobStatus
+    outputs: dict[str, list[ImageOutput]] | None = None
+    error: str | None = None
+    error_code: str | None = None
+    created_at: str
+    finished_at: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    status: Literal["succeeded"] = "succeeded"
+    images: list[ImageOutput]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelCard(BaseModel):
+    id: str
+    base_model: str
+    resolution_divisor: int = 16
+    default_steps: int = 25
+    default_guidance_scale: float = 4.0
+
+
+class ModelList(BaseModel):
+    models: list[ModelCard]

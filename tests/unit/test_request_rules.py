@@ -1,0 +1,171 @@
+"""Every rule of SPEC section 1, table-driven: a field, a value, and the code or normalized value."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app import errors
+from serve_app.config import AppArgs, Limits
+from serve_app.engine.workitems import RANDOM_SEED_BOUND, build_work_items, lora_set_id
+from serve_app.errors import ApiError
+from serve_app.schemas import InferenceRequest
+
+ARGS = AppArgs()
+
+
+def request(prompt: dict | None = None, **top) -> dict:
+    body = {"model": "flux", "prompts": [{"prompt": "a photo", **(prompt or {})}]}
+    body.update(top)
+    return body
+
+
+def items_of(body: dict, args: AppArgs = ARGS):
+    return build_work_items(InferenceRequest.model_validate(body), args, "req")
+
+
+# (description, prompt fields, top-level fields, attribute of the first item, expected value)
+NORMALIZED = [
+    ("width default 1024", {}, {}, "key.width", 1024),
+    ("height default 1024", {}, {}, "key.height", 1024),
+    ("width floored to 16", {"width": 1000}, {}, "key.width", 992),
+    ("height floored to 16", {"height": 1023}, {}, "key.height", 1008),
+    ("minimum size kept", {"width": 64, "height": 79}, {}, "key.height", 64),
+    ("maximum size kept", {"width": 4096}, {}, "key.width", 4096),
+    ("steps default 25", {}, {}, "key.steps", 25),
+    ("steps kept", {"sample_steps": 150}, {}, "key.steps", 150),
+    ("guidance default 4.0", {}, {}, "key.guidance", 4.0),
+    ("guidance 0 allowed", {"guidance_scale": 0}, {}, "key.guidance", 0.0),
+    ("guidance int becomes float", {"guidance_scale": 20}, {}, "key.guidance", 20.0),
+    ("seed default 42 + index", {}, {}, "seed", 42),
+    ("seed kept", {"seed": 7}, {}, "seed", 7),
+    ("seed 0 kept", {"seed": 0}, {}, "seed", 0),
+    ("seed max kept", {"seed": 2**64 - 1}, {}, "seed", 2**64 - 1),
+    ("neg default empty", {}, {}, "neg", ""),
+    ("neg kept", {"neg": "blurry"}, {}, "neg", "blurry"),
+    ("output format default jpeg", {}, {}, "output_format", "jpeg"),
+    ("output format png", {}, {"output_format": "png"}, "output_format", "png"),
+    ("trigger replaced", {"prompt": "[trigger] a dog"}, {"trigger_word": "sks"}, "prompt", "sks a dog"),
+    ("every trigger replaced", {"prompt": "[trigger] and [trigger]"}, {"trigger_word": "x"}, "prompt", "x and x"),
+    ("prompt trigger wins", {"prompt": "[trigger]", "trigger_word": "own"}, {"trigger_word": "top"}, "prompt", "own"),
+    ("empty prompt trigger falls back", {"prompt": "[trigger]", "trigger_word": ""}, {"trigger_word": "top"}, "prompt", "top"),
+    ("no trigger word: text kept", {"prompt": "[trigger] a dog"}, {}, "prompt", "[trigger] a dog"),
+    ("trigger never prepended", {"prompt": "a dog"}, {"trigger_word": "sks"}, "prompt", "a dog"),
+    ("[name] is not a trigger", {"prompt": "[name] a dog"}, {"trigger_word": "sks"}, "prompt", "[name] a dog"),
+    ("unknown fields ignored", {"sampler": "euler", "ctrl_img": "x"}, {"hf_token": "t", "kv_cache": True}, "key.steps", 25),
+    ("no loras: base model", {}, {}, "key.loras", ()),
+    ("loras empty: base model", {}, {"loras": []}, "key.loras", ()),
+]
+
+
+@pytest.mark.parametrize("what,prompt,top,attr,expected", NORMALIZED, ids=[row[0] for row in NORMALIZED])
+def test_normalized_values(what, prompt, top, attr, expected):
+    item = items_of(request(prompt, **top))[0]
+    value = item
+    for part in attr.split("."):
+        value = getattr(value, part)
+    assert value == expected
+
+
+# (description, body, field path that must be named)
+SCHEMA_ERRORS = [
+    ("model required", {"prompts": [{"prompt": "a"}]}, "model"),
+    ("prompts required", {"model": "flux"}, "prompts"),
+    ("prompts not empty", {"model": "flux", "prompts": []}, "prompts"),
+    ("prompt required", request({"prompt": None}), "prompts.0.prompt"),
+    ("width below 64", request({"width": 63}), "prompts.0.width"),
+    ("width above 4096", request({"width": 4097}), "prompts.0.width"),
+    ("height below 64", request({"height": 10}), "prompts.0.height"),
+    ("width not integral", request({"width": 512.5}), "prompts.0.width"),
+    ("width a word", request({"width": "wide"}), "prompts.0.width"),
+    ("steps 0", request({"sample_steps": 0}), "prompts.0.sample_steps"),
+    ("steps 151", request({"sample_steps": 151}), "prompts.0.sample_steps"),
+    ("guidance negative", request({"guidance_scale": -0.1}), "prompts.0.guidance_scale"),
+    ("guidance above 20", request({"guidance_scale": 20.5}), "prompts.0.guidance_scale"),
+    ("guidance NaN", request({"guidance_scale": float("nan")}), "prompts.0.guidance_scale"),
+    ("guidance infinite", request({"guidance_scale": float("inf")}), "prompts.0.guidance_scale"),
+    ("seed below -1", request({"seed": -2}), "prompts.0.seed"),
+    ("seed above 2^64-1", request({"seed": 2**64}), "prompts.0.seed"),
+    ("multiplier above 2", request(loras=[{"path": "a.safetensors", "network_multiplier": 2.5}]), "loras.0.network_multiplier"),
+    ("multiplier below -2", request(loras=[{"path": "a.safetensors", "network_multiplier": -3}]), "loras.0.network_multiplier"),
+    ("multiplier NaN", request(loras=[{"path": "a.safetensors", "network_multiplier": float("nan")}]), "loras.0.network_multiplier"),
+    ("lora path required", request(loras=[{"network_multiplier": 1}]), "loras.0.path"),
+    ("output format unknown", request(output_format="gif"), "output_format"),
+]
+
+
+@pytest.mark.parametrize("what,body,field", SCHEMA_ERRORS, ids=[row[0] for row in SCHEMA_ERRORS])
+def test_schema_violations_name_the_field(what, body, field):
+    with pytest.raises(ValidationError) as info:
+        InferenceRequest.model_validate(body)
+    paths = {".".join(str(p) for p in e["loc"]) for e in info.value.errors()}
+    assert field in paths
+
+
+TIGHT = AppArgs(
+    limits=Limits(max_prompts_per_request=2, max_prompt_chars=10, max_pixels_per_image=512 * 512,
+                  max_work_per_request=512 * 512 * 30, max_loras_per_request=2),
+)
+
+# (description, body, args, code, limit named)
+CODES = [
+    ("unknown model", {**request(), "model": "sdxl"}, ARGS, errors.MODEL_NOT_FOUND, None),
+    ("too many prompts", {"model": "flux", "prompts": [{"prompt": "a"}] * 3}, TIGHT, errors.LIMIT_EXCEEDED, "max_prompts_per_request"),
+    ("prompt too long", request({"prompt": "x" * 11}), TIGHT, errors.LIMIT_EXCEEDED, "max_prompt_chars"),
+    ("too many pixels", request({"width": 528, "height": 512}), TIGHT, errors.LIMIT_EXCEEDED, "max_pixels_per_image"),
+    ("too much work", request({"width": 512, "height": 512, "sample_steps": 31}), TIGHT, errors.LIMIT_EXCEEDED, "max_work_per_request"),
+    ("too many loras", request(loras=[{"path": f"{i}.safetensors"} for i in range(3)]), TIGHT, errors.LIMIT_EXCEEDED, "max_loras_per_request"),
+    ("strict: lora required", request(), AppArgs(strict_reference=True), errors.LORA_FILE_REQUIRED, None),
+    ("strict: single lora", request(loras=[{"path": "a.safetensors"}, {"path": "b.safetensors"}]), AppArgs(strict_reference=True), errors.SINGLE_LORA_ONLY, None),
+    ("same lora twice", request(loras=[{"path": "a.safetensors"}, {"path": "a.safetensors"}]), ARGS, errors.VALIDATION_ERROR, None),
+]
+
+
+@pytest.mark.parametrize("what,body,args,code,limit", CODES, ids=[row[0] for row in CODES])
+def test_configured_rules_give_their_code(what, body, args, code, limit):
+    with pytest.raises(ApiError) as info:
+        items_of(body, args)
+    assert info.value.code == code
+    assert info.value.status_code == errors.HTTP_STATUS[code]
+    if limit:
+        assert info.value.details["limit"] == limit
+        assert limit in info.value.message
+
+
+def test_limits_just_under_pass():
+    items = items_of(request({"prompt": "x" * 10, "width": 512, "height": 512, "sample_steps": 30}), TIGHT)
+    assert len(items) == 1
+
+
+def test_seed_defaults_follow_the_prompt_index():
+    body = {"model": "flux", "prompts": [{"prompt": "a"}, {"prompt": "b", "seed": 5}, {"prompt": "c"}]}
+    assert [item.seed for item in items_of(body)] == [42, 5, 44]
+
+
+def test_random_seed_is_drawn_in_the_reference_range_and_recorded():
+    seeds = {items_of(request({"seed": -1}))[0].seed for _ in range(20)}
+    assert all(0 <= s < RANDOM_SEED_BOUND for s in seeds)
+    assert len(seeds) > 1
+
+
+def test_multiplier_defaults_to_one_and_is_part_of_the_shape_key():
+    a = items_of(request(loras=[{"path": "a.safetensors"}]))[0]
+    b = items_of(request(loras=[{"path": "a.safetensors", "network_multiplier": 0.5}]))[0]
+    assert a.key.loras[0].multiplier == 1.0
+    assert a.key != b.key  # different scales never share a call
+    assert a.key.lora_set_id == b.key.lora_set_id  # but share the cached adapter set
+
+
+def test_lora_set_id_names_the_files_not_their_order():
+    assert lora_set_id(["b", "a"]) == lora_set_id(["a", "b", "a"])
+    assert lora_set_id([]) == ""
+    assert lora_set_id(["a"]) != lora_set_id(["b"])
+
+
+def test_every_error_code_survives_pickling():
+    for code in errors.HTTP_STATUS:
+        exc = ApiError(code, f"message of {code}", {"field": "x"})
+        back = pickle.loads(pickle.dumps(exc))
+        assert (back.code, back.message, back.details, back.status_code) == (code, exc.message, {"field": "x"}, exc.status_code)
