@@ -1,0 +1,130 @@
+"""Adapter bookkeeping for one replica: LoRA files loaded once, shared by every cached LoRA set.
+
+The replica's LRU (Serve's `@serve.multiplexed`) holds LoRA *sets* (the files of one request).
+Two sets may share a file: {A, B} and {A}. Each file is loaded once as a PEFT adapter and counts
+the sets that hold it, so evicting {A, B} unloads B but keeps A while {A} is cached.
+Not thread-safe: the generator calls it only while it holds the pipeline lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from serve_app.engine.lora_sources import LoraSources
+from serve_app.engine.pipeline import AdapterWeight, FluxEngine
+from serve_app.engine.workitems import LoraUse
+
+logger = logging.getLogger(__name__)
+
+
+def adapter_name(source: str) -> str:
+    """A PEFT-safe adapter name for a LoRA source (module dict keys may not hold dots)."""
+    return "lora_" + hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Loaded:
+    name: str
+    matched_modules: int
+    refs: int = 0
+
+
+@dataclass
+class LoraSet:
+    """A cached set of LoRA files, as Serve's multiplexed LRU holds it.
+
+    Serve calls `__del__` on eviction (in a worker thread) and the garbage collector may call it
+    again later: `release` makes the second call a no-op.
+    """
+
+    sources: tuple[str, ...]
+    _release: Callable[["LoraSet"], None] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release(self)
+
+    def __del__(self) -> None:
+        self.release()
+
+
+class AdapterCache:
+    """Loads, shares and unloads the adapters of the LoRA sets a replica holds."""
+
+    def __init__(
+        self,
+        engine: FluxEngine,
+        sources: LoraSources,
+        on_load: Callable[[float], None] | None = None,
+        on_evict: Callable[[], None] | None = None,
+    ):
+        self.engine = engine
+        self.sources = sources
+        self.on_load = on_load  # metrics hooks: a file loaded (its seconds), a set released
+        self.on_evict = on_evict
+        self._loaded: dict[str, _Loaded] = {}
+        self.loads = 0  # files loaded since start: a multiplier change must not add one
+
+    def acquire(self, sources: Sequence[str]) -> LoraSet:
+        """Load what is missing of a set's files and hold each of them for the set."""
+        unique = tuple(sorted(set(sources)))
+        taken: list[str] = []
+        try:
+            for source in unique:
+                self._hold(source)
+                taken.append(source)
+        except BaseException:
+            for source in taken:
+                self._drop(source)
+            raise
+        return LoraSet(unique, self._release_set)
+
+    def weights(self, uses: Sequence[LoraUse]) -> list[AdapterWeight]:
+        """The adapter weights of a call: each loaded file at its request's multiplier."""
+        return [AdapterWeight(self._loaded[u.source].name, u.multiplier) for u in uses]
+
+    def matched_modules(self, source: str) -> int:
+        return self._loaded[source].matched_modules
+
+    def loaded_sources(self) -> list[str]:
+        return sorted(self._loaded)
+
+    def _hold(self, source: str) -> None:
+        entry = self._loaded.get(source)
+        if entry is None:
+            entry = self._load(source)
+            self._loaded[source] = entry
+        entry.refs += 1
+
+    def _load(self, source: str) -> _Loaded:
+        start = time.perf_counter()
+        path = self.sources.local_file(source)
+        name = adapter_name(source)
+        matched = self.engine.load_adapter(name, path)
+        self.loads += 1
+        seconds = time.perf_counter() - start
+        logger.info("loaded LoRA %s as %s (%d modules) in %.3f s", source, name, matched, seconds)
+        if self.on_load is not None:
+            self.on_load(seconds)
+        return _Loaded(name=name, matched_modules=matched)
+
+    def _drop(self, source: str) -> None:
+        entry = self._loaded.get(source)
+        if entry is None:
+            return
+        entry.refs -= 1
+        if entry.refs <= 0:
+            del self._loaded[source]
+            self.engine.delete_adapter(entry.name)
+            logger.info("unloaded LoRA %s (%s)", source, entry.name)
+
+    def _release_set(self, lora_set: LoraSet) -> None:
+        for source in lora_set.sources:
+            self._drop(source)
+        if self.on_evict is not None:
+            self.on_evict()
