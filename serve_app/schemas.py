@@ -110,11 +110,19 @@ class StatusResponse(BaseModel):
 class ImageOutput(BaseModel):
     index: int
     format: OutputFormat
+    width: int = Field(description="Effective width (floored to 16)")
+    height: int = Field(description="Effective height (floored to 16)")
+    seed: int = Field(description="The seed used (drawn when the request said -1)")
+    url: str = Field(description="Where to download the file")
+
+
+class InlineImage(BaseModel):
+    index: int
+    format: OutputFormat
     width: int
     height: int
     seed: int
-    url: str | None = None
-    data: str | None = Field(None, description="Base64 of the file bytes (sync endpoint only)")
+    data: str = Field(description="Base64 of the file bytes, no data: prefix")
 
 
 class ResultResponse(BaseModel):
@@ -131,7 +139,7 @@ class ResultResponse(BaseModel):
 class GenerateResponse(BaseModel):
     request_id: str
     status: Literal["succeeded"] = "succeeded"
-    images: list[ImageOutput]
+    images: list[InlineImage]
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

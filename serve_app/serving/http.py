@@ -1,0 +1,94 @@
+"""HTTP plumbing of the ingress: the error envelope and the request body size limit."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from serve_app import errors
+from serve_app.errors import ApiError
+
+
+def api_error_response(exc: ApiError, status: int | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=status or exc.status_code, headers=headers)
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    """422 VALIDATION_ERROR listing each field path and problem (never the raw input: it may be bytes)."""
+    problems = [
+        {"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in exc.errors()
+    ]
+    summary = "; ".join(f"{'.'.join(p['loc'][1:]) or 'body'}: {p['msg']}" for p in problems[:5])
+    return api_error_response(
+        ApiError(errors.VALIDATION_ERROR, f"invalid request: {summary}"[:1000], {"errors": problems[:50]})
+    )
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 BODY_TOO_LARGE for a body over the limit, declared or streamed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send, int(declared))
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(seen)
+            return message
+
+        try:
+            return await self.app(scope, limited_receive, send)
+        except _TooLarge as exc:
+            return await self._refuse(send, exc.size)
+
+    async def _refuse(self, send, size: int) -> None:
+        body = json.dumps(
+            ApiError(
+                errors.BODY_TOO_LARGE,
+                f"request body of {size} bytes exceeds the limit max_body_bytes={self.max_bytes}",
+                {"limit": "max_body_bytes", "max": self.max_bytes, "value": size},
+            ).to_body()
+        ).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.size = size
+
+
+class ReplicaHeader:
+    """Adds `X-Flux-Replica` to every answer: which ingress replica served it (for debugging)."""
+
+    def __init__(self, app, replica: str):
+        self.app = app
+        self.replica = replica.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-flux-replica", self.replica)]
+            await send(message)
+
+        return await self.app(scope, receive, send_with_header)

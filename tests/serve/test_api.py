@@ -1,0 +1,195 @@
+"""The HTTP API end to end on a real local Ray Serve (SPEC section 3)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_app import errors
+from tests.serve.conftest import deploy_app, test_args
+
+pytestmark = pytest.mark.serve
+
+SMALL = {"width": 64, "height": 64, "sample_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def url(serve_url, lora_root):
+    # Two ingress replicas: status and result must not depend on which one answers.
+    return deploy_app(serve_url, test_args(lora_root), ingress_options={"num_replicas": 2})
+
+
+def body(**overrides) -> dict:
+    request = {"model": "flux", "trigger_word": "sks",
+               "prompts": [{"prompt": "[trigger] a photo of a person", "seed": 42, **SMALL}]}
+    request.update(overrides)
+    return request
+
+
+def wait_finished(url: str, request_id: str, timeout_s: float = 60) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = httpx.get(f"{url}/v1/requests/{request_id}/status").json()
+        if status["status"] in ("succeeded", "failed", "canceled"):
+            return status
+        time.sleep(0.1)
+    raise TimeoutError(request_id)
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data))).astype(np.int16)
+
+
+def test_async_flow_submit_poll_result_download(url):
+    request = body(prompts=[{"prompt": "[trigger] one", **SMALL}, {"prompt": "two", "width": 100, "height": 80, "sample_steps": 2}],
+                   loras=[{"path": "aitk/style.safetensors", "network_multiplier": 0.8}])
+    submitted = httpx.post(f"{url}/v1/inference", json=request)
+    assert submitted.status_code == 200, submitted.text
+    job = submitted.json()
+    assert job["status"] == "queued" and job["created_at"].endswith("Z")
+    assert job["status_url"] == f"/v1/requests/{job['request_id']}/status"
+    assert job["result_url"] == f"/v1/requests/{job['request_id']}/result"
+
+    status = wait_finished(url, job["request_id"])
+    assert status["status"] == "succeeded", status
+    assert status["error"] is None and status["error_code"] is None
+    assert status["started_at"].endswith("Z") and status["finished_at"].endswith("Z")
+
+    result = httpx.get(f"{url}{job['result_url']}").json()
+    images = result["outputs"]["images"]
+    assert [(i["index"], i["width"], i["height"], i["seed"], i["format"]) for i in images] == [
+        (0, 64, 64, 42, "jpeg"), (1, 96, 80, 43, "jpeg")]
+    assert result["metadata"]["loras"][0]["matched_modules"] > 0
+    for image in images:
+        download = httpx.get(f"{url}{image['url']}")
+        assert download.status_code == 200
+        assert download.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(download.content)).size == (image["width"], image["height"])
+
+
+def test_sync_generate_returns_base64_images(url):
+    answer = httpx.post(f"{url}/v1/generate", json=body(output_format="png"), timeout=60)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["status"] == "succeeded"
+    image = result["images"][0]
+    assert (image["format"], image["seed"], image["width"]) == ("png", 42, 64)
+    assert "url" not in image
+    assert base64.b64decode(image["data"]).startswith(b"\x89PNG")
+
+
+def test_server_image_equals_the_engine_image(url, tiny_dir, lora_root):
+    from serve_app.config import AppArgs, LoraArgs
+    from serve_app.engine.adapters import AdapterCache
+    from serve_app.engine.images import encode_image
+    from serve_app.engine.lora_sources import LoraSources
+    from serve_app.engine.pipeline import FluxEngine
+    from serve_app.engine.workitems import build_work_items
+    from serve_app.schemas import InferenceRequest
+
+    request = body(output_format="png", loras=[{"path": "aitk/style.safetensors", "network_multiplier": 0.7}])
+    served = httpx.post(f"{url}/v1/generate", json=request, timeout=60).json()
+    engine = FluxEngine.load(str(tiny_dir), device="cpu")
+    adapters = AdapterCache(engine, LoraSources(LoraArgs(root=str(lora_root), cache_dir=str(lora_root / ".c"))))
+    item = build_work_items(InferenceRequest.model_validate(request), AppArgs(), "x")[0]
+    held = adapters.acquire([u.source for u in item.key.loras])  # released when dropped
+    local = encode_image(engine.generate([item], adapters.weights(item.key.loras))[0], "png")
+    held.release()
+    diff = np.abs(decode(base64.b64decode(served["images"][0]["data"])) - decode(local))
+    assert diff.max() <= 1
+
+
+def test_status_and_result_are_the_same_from_every_ingress_replica(url):
+    job = httpx.post(f"{url}/v1/inference", json=body()).json()
+    wait_finished(url, job["request_id"])
+    replicas, answers = set(), []
+    with httpx.Client() as client:  # new connections, so the proxy spreads them
+        for _ in range(30):
+            answer = httpx.get(f"{url}/v1/requests/{job['request_id']}/result")
+            replicas.add(answer.headers["x-flux-replica"])
+            answers.append(answer.json())
+    assert len(replicas) == 2
+    assert all(a == answers[0] for a in answers)
+
+
+def test_cancel_of_a_queued_job_means_it_never_runs(url):
+    # A long job ahead keeps the generator busy; the one behind it is cancelled while queued.
+    blocker = httpx.post(f"{url}/v1/inference", json=body(prompts=[{"prompt": "busy", "width": 256, "height": 256, "sample_steps": 40}])).json()
+    queued = httpx.post(f"{url}/v1/inference", json=body(prompts=[{"prompt": "never", "width": 192, "height": 192, "sample_steps": 3}])).json()
+    cancelled = httpx.delete(f"{url}/v1/requests/{queued['request_id']}")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "canceled" and cancelled.json()["error_code"] == errors.CANCELED
+    assert wait_finished(url, blocker["request_id"])["status"] == "succeeded"
+    final = httpx.get(f"{url}/v1/requests/{queued['request_id']}/result").json()
+    assert final["status"] == "canceled" and final["outputs"] is None
+    calls = _generator_stats()["calls"]
+    assert "192x192x3" not in {shape for shape, _ in calls}  # its shape never reached the pipeline
+
+
+def _generator_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("FluxGenerator", "flux").stats.remote().result(timeout_s=30)
+
+
+ERROR_CASES = [
+    ("schema", "post", "/v1/generate", {"model": "flux", "prompts": [{"prompt": "a", "width": 10}]}, 422, errors.VALIDATION_ERROR),
+    ("broken json", "post", "/v1/inference", b"{not json", 422, errors.VALIDATION_ERROR),
+    ("model", "post", "/v1/inference", body(model="sdxl"), 400, errors.MODEL_NOT_FOUND),
+    ("missing lora", "post", "/v1/generate", body(loras=[{"path": "nope/x.safetensors"}]), 400, errors.LORA_NOT_FOUND),
+    ("absolute lora", "post", "/v1/generate", body(loras=[{"path": "/etc/passwd"}]), 400, errors.LORA_SOURCE_FORBIDDEN),
+    ("traversal", "post", "/v1/inference", body(loras=[{"path": "../x.safetensors"}]), 400, errors.LORA_SOURCE_FORBIDDEN),
+    ("host", "post", "/v1/generate", body(loras=[{"path": "https://evil.example/x.safetensors"}]), 400, errors.LORA_SOURCE_FORBIDDEN),
+    ("download", "post", "/v1/generate", body(loras=[{"path": "http://127.0.0.1:9/x.safetensors"}]), 400, errors.LORA_DOWNLOAD_FAILED),
+    ("limit", "post", "/v1/generate", body(prompts=[{"prompt": "a", **SMALL}] * 17), 400, errors.LIMIT_EXCEEDED),
+    ("unknown request", "get", "/v1/requests/nope/status", None, 404, errors.REQUEST_NOT_FOUND),
+    ("unknown result", "get", "/v1/requests/nope/result", None, 404, errors.REQUEST_NOT_FOUND),
+    ("unknown image", "get", "/v1/requests/nope/images/0", None, 404, errors.REQUEST_NOT_FOUND),
+    ("unknown cancel", "delete", "/v1/requests/nope", None, 404, errors.REQUEST_NOT_FOUND),
+    ("body too large", "post", "/v1/generate", b"{" + b" " * 2_000_000 + b"}", 413, errors.BODY_TOO_LARGE),
+]
+
+
+@pytest.mark.parametrize("what,method,path,payload,status,code", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_errors_reach_the_client_in_the_envelope(url, what, method, path, payload, status, code):
+    kwargs = {}
+    if isinstance(payload, bytes):
+        kwargs = {"content": payload, "headers": {"content-type": "application/json"}}
+    elif payload is not None:
+        kwargs = {"json": payload}
+    answer = httpx.request(method.upper(), f"{url}{path}", timeout=60, **kwargs)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert isinstance(error["details"], dict)
+
+
+def test_validation_error_lists_each_field(url):
+    answer = httpx.post(f"{url}/v1/generate", json={"model": "flux", "prompts": [{"prompt": "a", "width": 10, "sample_steps": 0}]})
+    fields = {".".join(e["loc"]) for e in answer.json()["error"]["details"]["errors"]}
+    assert {"body.prompts.0.width", "body.prompts.0.sample_steps"} <= fields
+
+
+def test_generation_failure_is_reported_as_a_job_failure(url):
+    job = httpx.post(f"{url}/v1/inference", json=body(prompts=[{"prompt": "[[fail]] boom", **SMALL}])).json()
+    status = wait_finished(url, job["request_id"])
+    assert status["status"] == "failed" and status["error_code"] == errors.GENERATION_FAILED
+
+
+def test_models_health_and_openapi(url):
+    models = httpx.get(f"{url}/v1/models").json()["models"]
+    assert models == [{"id": "flux", "base_model": "black-forest-labs/FLUX.1-dev", "resolution_divisor": 16,
+                       "default_steps": 25, "default_guidance_scale": 4.0}]
+    assert httpx.get(f"{url}/health").json() == {"status": "healthy"}
+    spec = httpx.get(f"{url}/openapi.json").json()
+    assert spec["openapi"].startswith("3.")
+    for path in ("/v1/inference", "/v1/generate", "/v1/requests/{request_id}/status", "/v1/requests/{request_id}/result",
+                 "/v1/requests/{request_id}/images/{index}", "/v1/requests/{request_id}", "/v1/models", "/health"):
+        assert path in spec["paths"], path
