@@ -5,9 +5,9 @@ with it. All Serve wiring lives here; the deployment classes stay plain, importa
 Per-deployment options below are defaults: a YAML's `deployments:` section overrides them.
 """
 
-from __future__ import annotations
-
+import hashlib
 import logging
+from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
@@ -23,8 +23,12 @@ DEMO_LORA = "demo/demo_lora.safetensors"
 
 
 def build_app(args: AppArgs) -> Application:
-    """Build ingress → jobs → generator with the LoRA root resolved once, here."""
-    return assemble(args)
+    """Build ingress → jobs → generator with the LoRA root resolved once, here.
+
+    Serve validates the YAML's `args` into AppArgs from this signature's annotation (so this
+    module must not use `from __future__ import annotations`, which would make it a string).
+    """
+    return assemble(AppArgs.model_validate(args))
 
 
 def assemble(
@@ -34,6 +38,7 @@ def assemble(
     args = args.resolved()
     if args.loras.write_demo:
         _write_demo_lora(args)
+    version = code_version(args)
     generator = serve.deployment(
         FluxGenerator,
         name="FluxGenerator",
@@ -41,22 +46,39 @@ def assemble(
         user_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
         graceful_shutdown_timeout_s=300,  # let a running batch finish on scale-down
         health_check_timeout_s=60,
-    )
+    ).options(version=version, _internal=True)
     if generator_options:
         generator = generator.options(**generator_options)
     jobs = serve.deployment(
         FluxJobs, name="FluxJobs", num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0}
-    )
+    ).options(version=version, _internal=True)
     ingress = serve.deployment(
         serve.ingress()(FluxIngress),
         name="FluxIngress",
         max_ongoing_requests=1000,  # the default 5 would throttle the whole service
         ray_actor_options={"num_cpus": 0},
-    )
+    ).options(version=version, _internal=True)
     if ingress_options:
         ingress = ingress.options(**ingress_options)
     bound_generator = generator.bind(args)
     return ingress.bind(bound_generator, jobs.bind(bound_generator, args), args)
+
+
+def code_version(args: AppArgs) -> str:
+    """The deployments' code version: the args and this package's source, hashed.
+
+    `serve.run` gives a deployment without a version a random one (serve/_private/client.py:
+    `deployment._version or get_random_string()`), so every redeploy from Python restarted the
+    replicas, even for a user_config-only change. With a version that changes exactly when the
+    args or the code do, a redeploy that changes only user_config (or replicas, or
+    max_ongoing_requests) is a lightweight update: `reconfigure` runs on the live replica, as with
+    `serve deploy` of a YAML (where Serve derives the version from the config and ignores this one).
+    `_internal=True` is how Serve itself sets a version since the public `version=` was removed.
+    """
+    digest = hashlib.sha256(args.model_dump_json().encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _write_demo_lora(args: AppArgs) -> None:

@@ -145,6 +145,21 @@ class FluxEngine:
     def adapter_names(self) -> set[str]:
         return {n for names in self.pipe.get_list_adapters().values() for n in names}
 
+    def layer_adapter_names(self) -> set[str]:
+        """Adapter names that any PEFT LoRA layer still holds weights for (its lora_A/lora_B keys).
+
+        After `delete_adapter` this must be a subset of `adapter_names()`: a layer keeping the
+        weights of a deleted adapter would leak memory with every LoRA swap.
+        """
+        held: set[str] = set()
+        for component in self._lora_components():
+            for module in component.modules():
+                for attr in ("lora_A", "lora_B"):
+                    weights = getattr(module, attr, None)
+                    if isinstance(weights, torch.nn.ModuleDict):
+                        held.update(weights.keys())
+        return held
+
     def activate(self, adapters: Sequence[AdapterWeight]) -> None:
         """Make exactly `adapters` active at their weights, or the base model if empty.
 

@@ -2,7 +2,12 @@
 
 - Dynamic batching: every work item enters one `@serve.batch` queue; the batch function groups
   its items by ShapeKey and cuts each group by the pixel budget (engine.batching), so items of
-  different keys never share a call and the replica keeps no state per key.
+  different keys never share a call and the replica keeps no state per key. A BatchGate in front
+  of the queue holds arrivals while a batch runs and lets them in together when it ends (Serve
+  would otherwise form a batch of one per arrival: see serving/batch_gate.py), so batches form
+  under load while a lone request, with `batch_wait_timeout_s: 0`, starts at once.
+- `max_batch_size`, `batch_wait_timeout_s` and `pixel_budget` come from the deployment's
+  user_config and change live through `reconfigure` (no restart).
 - LoRA cache: `@serve.multiplexed` keyed by the request's LoRA-set id, sized from the args; the
   ingress sets the same id on its handle call so Serve routes to replicas that hold the set.
 - One asyncio lock around adapter loading and each pipeline call: Serve splits a batch by
@@ -16,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import Any
@@ -32,6 +38,7 @@ from serve_app.engine.lora_sources import LoraSources
 from serve_app.engine.pipeline import FluxEngine, GenerationInterrupted
 from serve_app.engine.workitems import ItemResult, WorkItem
 from serve_app.errors import ApiError
+from serve_app.serving.batch_gate import BatchGate
 from serve_app.serving.metrics import GeneratorMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -53,7 +60,9 @@ class FluxGenerator:
             self.engine, self.sources, on_load=self.metrics.record_lora_load, on_evict=self.metrics.lora_evictions.inc
         )
         self.lock = asyncio.Lock()
-        self.calls: list[tuple[str, int]] = []  # (shape label, images) of recent calls, for tests
+        self.gate = BatchGate()
+        self.calls: list[dict] = []  # the last 1000 pipeline calls (see _record_call), for tests
+        self._call_seq = itertools.count(1)
         self._in_batch: set[tuple[str, int]] = set()  # items a running batch function holds
         self._cancelled: set[tuple[str, int]] = set()  # of those, the ones their caller gave up
         self._set_sources: dict[str, tuple[str, ...]] = {}
@@ -87,6 +96,10 @@ class FluxGenerator:
     async def generate(self, item: WorkItem) -> ItemResult | ApiError:
         """Generate one work item; an error comes back as a value (it survives any pickling)."""
         try:
+            await self._fetch_remote_loras(item)
+        except ApiError as exc:
+            return exc
+        try:
             return await self._batch(item)
         except asyncio.CancelledError:
             # The caller cancelled (job cancel or timeout): a call already running with this
@@ -105,12 +118,18 @@ class FluxGenerator:
 
     async def stats(self) -> dict:
         """Replica internals, for tests and debugging (not part of the HTTP API)."""
+        async with self.lock:  # the adapter state is stable only between pipeline calls
+            adapters = sorted(self.engine.adapter_names())
+            layer_adapters = sorted(self.engine.layer_adapter_names())
+            loaded_sources = self.adapters.loaded_sources()
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "actor_name": _actor_name(),
             "calls": list(self.calls),
-            "adapters": sorted(self.engine.adapter_names()),
-            "loaded_sources": self.adapters.loaded_sources(),
+            "adapters": adapters,
+            "lora_layer_adapters": layer_adapters,
+            "loaded_sources": loaded_sources,
+            "url_downloads": self.sources.stats["url_downloads"],
             "lora_loads": self.adapters.loads,
             "steps_run": self.engine.steps_run,
             "max_batch_size": self._batch._get_max_batch_size(),
@@ -119,6 +138,9 @@ class FluxGenerator:
             "asyncio_tasks": len(asyncio.all_tasks()),
             "cancelled_marks": len(self._cancelled) + len(self._in_batch),
             "set_sources": len(self._set_sources),
+            "gate_waiting": self.gate.waiting,
+            "gate_running": self.gate.running,
+            "gate_waves": self.gate.waves,
         }
 
     # ---- batches ----------------------------------------------------------------------------
@@ -126,6 +148,7 @@ class FluxGenerator:
     async def _run_batch(self, items: list[WorkItem]) -> list[ItemResult | ApiError]:
         ids = [(item.request_id, item.index) for item in items]
         self._in_batch.update(ids)
+        self.gate.batch_started()
         results: list[ItemResult | ApiError | None] = [None] * len(items)
         try:
             for call in plan_calls([item.key for item in items], self.pixel_budget):
@@ -135,6 +158,7 @@ class FluxGenerator:
         finally:
             self._in_batch.difference_update(ids)
             self._cancelled.difference_update(ids)
+            self.gate.batch_finished()
         return results
 
     async def _run_call(self, items: list[WorkItem]) -> list[ItemResult | ApiError]:
@@ -149,6 +173,19 @@ class FluxGenerator:
             outcomes = await self._generate_or_split(live, lora_set)
         by_index = {(item.request_id, item.index): out for item, out in zip(live, outcomes)}
         return [by_index.get((item.request_id, item.index)) or self._dead_error(item) for item in items]
+
+    async def _fetch_remote_loras(self, item: WorkItem) -> None:
+        """Download an item's URL and hf:// LoRA files before it joins a batch.
+
+        Async jobs reach the generator with their URLs not yet fetched. Downloading inside the batch
+        (under the pipeline lock, with one batch running at a time) would stall every other item of
+        the replica for up to timeout × retries; here a slow or dead host delays only its own item,
+        and the load under the lock finds the file in the disk cache.
+        """
+        loaded = set(self.adapters.loaded_sources())
+        for use in item.key.loras:
+            if "://" in use.source and use.source not in loaded:
+                await asyncio.to_thread(self.sources.local_file, use.source)
 
     async def _acquire_loras(self, item: WorkItem) -> LoraSet | None:
         key = item.key
@@ -187,13 +224,13 @@ class FluxGenerator:
     def _generate_call(self, items: list[WorkItem], lora_set: LoraSet | None) -> list[ItemResult]:
         """Runs in a worker thread while the lock is held."""
         key = items[0].key
+        record = self._record_call(items)
         adapters = self.adapters.weights(key.loras)
         start = time.perf_counter()
         images = self.engine.generate(items, adapters, should_stop=lambda: all(self._is_dead(i) for i in items))
         seconds = time.perf_counter() - start
+        record["ok"] = True
         self.metrics.record_call(key.label(), len(items), seconds)
-        self.calls.append((key.label(), len(items)))
-        del self.calls[:-1000]
         lora_modules = tuple((u.source, self.adapters.matched_modules(u.source)) for u in key.loras)
         return [
             ItemResult(
@@ -209,6 +246,25 @@ class FluxGenerator:
             )
             for item, image in zip(items, images)
         ]
+
+    def _record_call(self, items: list[WorkItem]) -> dict:
+        """Note a pipeline call before it runs: what tests check batching by (`stats()["calls"]`).
+
+        `keys` counts the distinct ShapeKeys handed to the call (the engine refuses more than one,
+        so a mixed call would show up here as a failed call with keys > 1, not be hidden by the
+        one-by-one retry); `ok` turns True when the call returns images.
+        """
+        record = {
+            "seq": next(self._call_seq),
+            "shape": items[0].key.label(),
+            "images": len(items),
+            "keys": len({item.key for item in items}),
+            "requests": sorted({item.request_id for item in items}),
+            "ok": False,
+        }
+        self.calls.append(record)
+        del self.calls[:-1000]
+        return record
 
     def _is_dead(self, item: WorkItem) -> bool:
         """Cancelled by its caller, or past its deadline: no longer worth a denoising step."""

@@ -129,7 +129,7 @@ def test_cancel_of_a_queued_job_means_it_never_runs(url):
     final = httpx.get(f"{url}/v1/requests/{queued['request_id']}/result").json()
     assert final["status"] == "canceled" and final["outputs"] is None
     calls = _generator_stats()["calls"]
-    assert "192x192x3" not in {shape for shape, _ in calls}  # its shape never reached the pipeline
+    assert "192x192x3" not in {call["shape"] for call in calls}  # its shape never reached the pipeline
 
 
 def _generator_stats() -> dict:

@@ -1,0 +1,102 @@
+"""The shipped Serve config YAMLs: they validate, and `serve run deploy/local.yaml` really serves."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import AppArgs
+from tests.serve.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ["deploy/local.yaml", "deploy/flux-dev.yaml"]
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_config_validates_against_serve_and_our_args(path):
+    config = yaml.safe_load((ROOT / path).read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path == "serve_app.app:build_app"
+    AppArgs.model_validate(app.args)
+    names = {d.name for d in app.deployments}
+    assert names == {"FluxIngress", "FluxJobs", "FluxGenerator"}
+
+
+def test_gpu_config_autoscales_generators_on_gpus():
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy/flux-dev.yaml").read_text()))
+    deployments = {d.name: d for d in config.applications[0].deployments}
+    generator = deployments["FluxGenerator"]
+    assert generator.ray_actor_options.num_gpus == 1
+    assert generator.autoscaling_config["max_replicas"] > generator.autoscaling_config["min_replicas"]
+    assert generator.graceful_shutdown_timeout_s >= 120
+    assert deployments["FluxIngress"].max_ongoing_requests >= 100
+    assert deployments["FluxIngress"].num_replicas >= 2
+
+
+def test_a_wrong_args_field_fails_at_start_with_its_name():
+    with pytest.raises(Exception) as info:
+        AppArgs.model_validate({"model": {"source": "tiny"}, "lora": {"root": "x"}})
+    assert "lora" in str(info.value)
+
+
+def test_serve_run_of_local_yaml_answers_the_example_request_then_stops(tmp_path, flux_cache):
+    """What `make serve` does, on another port, in a fresh directory, ended by SIGTERM to its PID."""
+    config = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "FLUX_SERVE_CACHE": str(flux_cache), "PYTHONPATH": str(ROOT),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    serve_bin = Path(sys.executable).parent / "serve"
+    log = open(tmp_path / "serve.log", "wb")
+    process = subprocess.Popen([str(serve_bin), "run", "--address", "local", "local.yaml"], cwd=tmp_path, env=env,
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, tmp_path / "serve.log")
+        example = {"model": "flux", "trigger_word": "sks",
+                   "prompts": [{"prompt": "[trigger] a photo of a person", "width": 1024, "height": 1024,
+                                "seed": 42, "sample_steps": 25, "guidance_scale": 4.0, "neg": ""}],
+                   "loras": [{"path": "demo/demo_lora.safetensors", "network_multiplier": 1.0}]}
+        answer = httpx.post(f"{url}/v1/generate", json=example, timeout=180)
+        assert answer.status_code == 200, answer.text
+        image = answer.json()["images"][0]
+        assert (image["width"], image["height"], image["seed"]) == (1024, 1024, 42)
+        assert Image.open(io.BytesIO(base64.b64decode(image["data"]))).size == (1024, 1024)
+        assert (tmp_path / ".flux-serve/loras/demo/demo_lora.safetensors").exists()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # our own process group only
+            raise
+        log.close()
+    assert process.returncode is not None
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve run exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
