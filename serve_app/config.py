@@ -40,6 +40,20 @@ class Limits(StrictModel):
     )
     max_loras_per_request: PositiveInt = Field(4, description="LoRAs stacked in one request")
     max_body_bytes: PositiveInt = Field(1_000_000, description="Request body size (413 above)")
+    max_pending_jobs: PositiveInt = Field(1000, description="Async jobs not yet finished (503 OVERLOADED above)")
+    max_pending_items: PositiveInt = Field(4096, description="Work items of unfinished async jobs (503 above)")
+    max_sync_items_per_ingress: PositiveInt = Field(
+        256, description="Work items of /v1/generate calls in flight per ingress replica (503 above)"
+    )
+    retry_after_s: PositiveInt = Field(5, description="Retry-After of a 503 OVERLOADED")
+
+
+class AuthArgs(StrictModel):
+    """An optional API key. The key itself never sits in the YAML: it comes from an environment
+    variable or a secret file that the YAML names. Off when neither is set."""
+
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the key")
+    api_key_file: str | None = Field(None, description="Path of a file holding the key")
 
 
 class LoraArgs(StrictModel):
@@ -81,6 +95,7 @@ class AppArgs(StrictModel):
     limits: Limits = Field(default_factory=Limits)
     jobs: JobArgs = Field(default_factory=JobArgs)
     batching: BatchArgs = Field(default_factory=BatchArgs)
+    auth: AuthArgs = Field(default_factory=AuthArgs)
     base_url: str | None = Field(None, description="Prefix for status/result/image URLs; paths if unset")
     cors_origins: list[str] = Field(default_factory=list)
     strict_reference: bool = Field(False, description="Answer SINGLE_LORA_ONLY / LORA_FILE_REQUIRED like the reference")

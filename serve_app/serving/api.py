@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -28,6 +28,7 @@ from serve_app.schemas import (
     StatusResponse,
     SubmitResponse,
 )
+from serve_app.serving.guards import check_api_key, request_timeout
 from serve_app.serving.http import BodySizeLimit, ReplicaHeader, api_error_response, validation_error_response
 
 if TYPE_CHECKING:
@@ -51,38 +52,49 @@ def build_api(ingress: "FluxIngress") -> FastAPI:
         api.add_middleware(CORSMiddleware, allow_origins=ingress.args.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
 
-    @api.post("/v1/inference", response_model=SubmitResponse)
-    async def submit(body: InferenceRequest):
-        """Queue an async job: one image per prompt. Poll `status_url`, then read `result_url`."""
-        return await ingress.submit(body)
+    async def authorized(
+        authorization: str | None = Header(None), x_api_key: str | None = Header(None, alias="X-API-Key")
+    ) -> None:
+        check_api_key(ingress.api_key, authorization, x_api_key)
 
-    @api.get("/v1/requests/{request_id}/status", response_model=StatusResponse)
+    async def timeout_s(x_flux_timeout: str | None = Header(None, alias="X-Flux-Timeout")) -> float:
+        return request_timeout(ingress.args, x_flux_timeout)
+
+    guarded = [Depends(authorized)]
+
+    @api.post("/v1/inference", response_model=SubmitResponse, dependencies=guarded)
+    async def submit(body: InferenceRequest, timeout: float = Depends(timeout_s)):
+        """Queue an async job: one image per prompt. Poll `status_url`, then read `result_url`."""
+        return await ingress.submit(body, timeout)
+
+    @api.get("/v1/requests/{request_id}/status", response_model=StatusResponse, dependencies=guarded)
     async def status(request_id: str):
         return await ingress.status(request_id)
 
-    @api.get("/v1/requests/{request_id}/result", response_model=ResultResponse)
+    @api.get("/v1/requests/{request_id}/result", response_model=ResultResponse, dependencies=guarded)
     async def result(request_id: str):
         return await ingress.result(request_id)
 
     @api.get(
         "/v1/requests/{request_id}/images/{index}",
         response_class=Response,
+        dependencies=guarded,
         responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}, "description": "The image file"}},
     )
     async def image(request_id: str, index: int):
         return await ingress.image(request_id, index)
 
-    @api.delete("/v1/requests/{request_id}", response_model=StatusResponse)
+    @api.delete("/v1/requests/{request_id}", response_model=StatusResponse, dependencies=guarded)
     async def cancel(request_id: str):
         """Cancel a job: queued work never runs; a running call stops at its next step if it serves no one else."""
         return await ingress.cancel(request_id)
 
-    @api.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(body: InferenceRequest):
+    @api.post("/v1/generate", response_model=GenerateResponse, dependencies=guarded)
+    async def generate(body: InferenceRequest, timeout: float = Depends(timeout_s)):
         """Generate synchronously; images come back inline as base64."""
-        return await ingress.generate(body)
+        return await ingress.generate(body, timeout)
 
-    @api.get("/v1/models", response_model=ModelList)
+    @api.get("/v1/models", response_model=ModelList, dependencies=guarded)
     async def models():
         return await ingress.models()
 

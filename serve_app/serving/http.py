@@ -11,7 +11,12 @@ from serve_app import errors
 from serve_app.errors import ApiError
 
 
-def api_error_response(exc: ApiError, status: int | None = None, headers: dict | None = None) -> JSONResponse:
+def api_error_response(exc: ApiError, status: int | None = None) -> JSONResponse:
+    headers = None
+    if exc.code == errors.OVERLOADED:
+        headers = {"Retry-After": str(exc.details.get("retry_after_s", 5))}
+    elif exc.code == errors.UNAUTHORIZED:
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(exc.to_body(), status_code=status or exc.status_code, headers=headers)
 
 

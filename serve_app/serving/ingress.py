@@ -26,6 +26,7 @@ from serve_app.engine.workitems import ItemResult, WorkItem, build_work_items
 from serve_app.errors import ApiError
 from serve_app.schemas import InferenceRequest, ModelCard
 from serve_app.serving.dispatch import GeneratorClient
+from serve_app.serving.guards import InFlight, load_api_key
 from serve_app.serving.jobs import add_matched_modules
 
 logger = logging.getLogger("ray.serve")
@@ -41,6 +42,8 @@ class FluxIngress:
         self.jobs = jobs
         self.sources = LoraSources(args.loras)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.api_key = load_api_key(args.auth)
+        self.sync_in_flight = InFlight(args.limits.max_sync_items_per_ingress, args.limits.retry_after_s)
 
     def __serve_build_asgi_app__(self):
         """Serve asks each replica for its ASGI app after the constructor (late-bound ingress)."""
@@ -48,11 +51,12 @@ class FluxIngress:
 
         return build_api(self)
 
-    async def submit(self, body: InferenceRequest) -> dict:
+    async def submit(self, body: InferenceRequest, timeout_s: float) -> dict:
         """Queue an async job: one image per prompt. Poll `status_url`, then read `result_url`."""
         request_id = uuid.uuid4().hex
-        items = self._work_items(body, request_id)
-        status = await self.jobs.submit.remote(request_id, items, self._metadata(body, items), self.args.jobs.timeout_s)
+        items = self._work_items(body, request_id, timeout_s)
+        status = await self.jobs.submit.remote(request_id, items, self._metadata(body, items), timeout_s)
+        logger.info("job %s queued: %d items", request_id, len(items))
         return {
             "request_id": request_id,
             "status": "queued",
@@ -83,16 +87,17 @@ class FluxIngress:
         """Cancel a job: queued work never runs; a running call stops at its next step if it serves no one else."""
         return await self.jobs.cancel.remote(request_id)
 
-    async def generate(self, body: InferenceRequest) -> dict:
+    async def generate(self, body: InferenceRequest, timeout_s: float) -> dict:
         """Generate synchronously; images come back inline as base64."""
         request_id = uuid.uuid4().hex
-        items = self._work_items(body, request_id)
-        await self._fetch_remote_loras(items)
-        started = time.perf_counter()
-        try:
-            outcomes = await asyncio.wait_for(self.client.run(items), timeout=self.args.jobs.timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(errors.TIMEOUT, f"the request did not finish within {self.args.jobs.timeout_s:g} s")
+        items = self._work_items(body, request_id, timeout_s)
+        with self.sync_in_flight.hold(len(items)):
+            await self._fetch_remote_loras(items)
+            started = time.perf_counter()
+            try:
+                outcomes = await asyncio.wait_for(self.client.run(items), timeout=timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(errors.TIMEOUT, f"the request did not finish within {timeout_s:g} s") from None
         for outcome in outcomes:
             if isinstance(outcome, ApiError):
                 raise outcome
@@ -130,9 +135,9 @@ class FluxIngress:
     def _url(self, path: str) -> str:
         return f"{self.args.base_url or ''}{path}"
 
-    def _work_items(self, body: InferenceRequest, request_id: str) -> list[WorkItem]:
+    def _work_items(self, body: InferenceRequest, request_id: str, timeout_s: float) -> list[WorkItem]:
         items = build_work_items(body, self.args, request_id, resolve_lora=self.sources.canonical)
-        deadline = time.time() + self.args.jobs.timeout_s
+        deadline = time.time() + timeout_s
         return [replace(item, deadline=deadline) for item in items]
 
     def _metadata(self, body: InferenceRequest, items: list[WorkItem], outcomes: list[ItemResult] = ()) -> dict:

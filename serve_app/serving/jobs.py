@@ -25,6 +25,7 @@ from serve_app.config import AppArgs
 from serve_app.engine.workitems import ItemResult, WorkItem
 from serve_app.errors import ApiError
 from serve_app.serving.dispatch import GeneratorClient
+from serve_app.serving.guards import overloaded
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,7 +85,12 @@ class FluxJobs:
         return True
 
     async def submit(self, request_id: str, items: list[WorkItem], metadata: dict, timeout_s: float) -> dict:
+        """Accept a job, or refuse it with OVERLOADED before anything is queued.
+
+        An accepted job is never dropped for load: it runs, fails with a code, or is cancelled.
+        """
         self._prune()
+        self._check_capacity(len(items))
         job = Job(request_id=request_id, items=items, metadata=metadata, results=[None] * len(items))
         self.jobs[request_id] = job
         job.task = asyncio.create_task(self._run(job, timeout_s))
@@ -155,6 +161,15 @@ class FluxJobs:
                 job.started_at = time.time()
                 job.status = "in_progress"
             return await self.client.run_one(item)
+
+    def _check_capacity(self, new_items: int) -> None:
+        limits = self.args.limits
+        active = [j for j in self.jobs.values() if j.status not in FINISHED]
+        if len(active) + 1 > limits.max_pending_jobs:
+            raise overloaded("async jobs pending", "max_pending_jobs", limits.max_pending_jobs, limits.retry_after_s)
+        if sum(len(j.items) for j in active) + new_items > limits.max_pending_items:
+            raise overloaded("async work items pending", "max_pending_items", limits.max_pending_items,
+                             limits.retry_after_s)
 
     def _get(self, request_id: str) -> Job:
         job = self.jobs.get(request_id)
