@@ -193,3 +193,14 @@ def test_models_health_and_openapi(url):
     for path in ("/v1/inference", "/v1/generate", "/v1/requests/{request_id}/status", "/v1/requests/{request_id}/result",
                  "/v1/requests/{request_id}/images/{index}", "/v1/requests/{request_id}", "/v1/models", "/health"):
         assert path in spec["paths"], path
+
+
+@pytest.mark.parametrize("mode", [[], ["--async"]], ids=["sync", "async"])
+def test_command_line_client_writes_the_image(url, tmp_path, mode):
+    from serve_app import client
+
+    out = tmp_path / "person.png"
+    client.main(["[trigger] a photo of a person", "--url", url, "--trigger", "sks", "--lora", "aitk/style.safetensors",
+                 "--width", "96", "--height", "64", "--steps", "2", "--seed", "5", "--format", "png", "--out", str(out),
+                 *mode])
+    assert Image.open(out).size == (96, 64)
