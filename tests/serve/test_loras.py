@@ -2,8 +2,8 @@
 
 Three deployments, each made once and shared by its tests (the file runs top to bottom):
 - `url`: one generator replica, a cache of 4 adapters, short download timeouts, a 100 kB file cap;
-- `small_cache_url`: one replica, a cache of 2, `strict_reference` on;
-- `two_replicas_url`: the same args on two generator replicas (Serve only adds a replica).
+- `two_replicas_url`: two generator replicas with a cache of 2 each, both started empty;
+- `small_cache_url`: one replica, a cache of 2, `strict_reference` on.
 A local HTTP server on 127.0.0.1 plays the LoRA host for URL sources and counts its hits.
 """
 
@@ -103,8 +103,9 @@ def small_cache_url(serve_url, lora_root, lora_files):
 
 @pytest.fixture
 def two_replicas_url(serve_url, lora_root, lora_files):
-    return _deploy(serve_url, "two replicas, cache 2, strict", _small_cache_args(lora_root),
-                   generator_options={"num_replicas": 2})
+    # Args of its own, so both replicas start empty whatever ran before (Serve replaces them).
+    args = test_args(lora_root, loras={"max_adapters_per_replica": 2})
+    return _deploy(serve_url, "two replicas, cache 2", args, generator_options={"num_replicas": 2})
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -406,18 +407,52 @@ BROKEN = [
 
 @pytest.mark.parametrize("path,code,words", BROKEN, ids=[p.split("/")[1].split(".")[0] for p, _, _ in BROKEN])
 def test_a_broken_file_answers_400_and_the_replica_carries_on(url, lora_files, path, code, words):
+    for cached in SWAP[:4]:  # fill the cache of 4
+        pixels(generate(url, [lora(cached)], size=TINY))
     error = error_of(generate(url, [lora(path)], size=TINY))
     assert error["code"] == code and words in error["message"], error
-    assert "/tmp" not in error["message"] and str(lora_files) not in error["message"]  # no server paths
+    assert str(lora_files) not in error["message"]  # the source as the client gave it, no server path
     job = httpx.post(f"{url}/v1/inference", json=body([lora(path)], size=TINY)).json()
     status = wait_finished(url, job["request_id"])
     assert (status["status"], status["error_code"]) == ("failed", code)
+    if code == errors.LORA_INVALID:  # refused before loading: it evicted nothing from the cache
+        assert generator_stats()["loaded_sources"] == sorted(SWAP[:4])
     # The replica is fine: the base model and a good LoRA still generate, and nothing half-loaded stays.
     pixels(generate(url, size=TINY))
     pixels(generate(url, [lora(STYLE)], size=TINY))
     stats = generator_stats()
     assert_no_stale_adapter(stats, cache_size=4)
     assert path not in stats["loaded_sources"]
+
+
+# ---- 3. LoRA affinity across replicas ---------------------------------------------------------
+
+
+def test_affinity_routing_keeps_adapter_loads_low_on_two_replicas(two_replicas_url):
+    """4 LoRAs, 2 replicas holding 2 each: affinity settles each LoRA on one replica.
+
+    Serve learns which sets a replica holds from pushes every 0.1 s. On the small model a request
+    takes ~50 ms, so a burst of LoRAs no replica has seen yet would land before the first push and
+    load some on both replicas; each new LoRA is therefore sent alone first, as new LoRAs trickle
+    in on a real service (where one image takes seconds). Without affinity (random routing, 4 LoRAs
+    through caches of 2) nearly every one of the 48 requests would load its adapter.
+    """
+    loras = SWAP[4:8]
+    before = replica_stats(2)
+    assert all(not stats["loaded_sources"] for stats in before.values())  # a clean start
+    for path in loras:  # first sight of each LoRA
+        pixels(generate(two_replicas_url, [lora(path)], size=SMALL))
+        time.sleep(0.5)
+    order = [loras[i % len(loras)] for i in range(44)]  # then round robin, 4 at a time
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda p: generate(two_replicas_url, [lora(p)], client=client, size=SMALL), order))
+    assert [a.status_code for a in answers] == [200] * len(order)
+    after = replica_stats(2)
+    assert set(after) == set(before)
+    loads = sum(after[r]["lora_loads"] - before[r]["lora_loads"] for r in after)
+    assert loads <= 2 * len(loras) * 2, loads
+    for stats in after.values():
+        assert_no_stale_adapter(stats, cache_size=2)
 
 
 # ---- 2. LRU eviction, 6. strict_reference (cache of 2) ----------------------------------------
@@ -445,22 +480,3 @@ def test_strict_reference_takes_exactly_one_lora(small_cache_url):
     none = error_of(generate(small_cache_url, size=TINY))
     assert none["code"] == errors.LORA_FILE_REQUIRED
     pixels(generate(small_cache_url, [lora(STYLE)], size=TINY))
-
-
-# ---- 3. LoRA affinity across replicas ---------------------------------------------------------
-
-
-def test_affinity_routing_keeps_adapter_loads_low_on_two_replicas(two_replicas_url):
-    loras = SWAP[4:8]  # none of them cached yet on either replica
-    before = replica_stats(2)
-    order = [loras[i % len(loras)] for i in range(48)]
-    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda path: generate(two_replicas_url, [lora(path)], client=client, size=SMALL), order))
-    assert [a.status_code for a in answers] == [200] * len(order)
-    after = replica_stats(2)
-    assert set(after) == set(before)
-    loads = sum(after[r]["lora_loads"] - before[r]["lora_loads"] for r in after)
-    # Each replica holds 2 of the 4 LoRAs at best (4 loads); without affinity nearly every request loads.
-    assert loads <= 2 * len(loras) * 2, loads
-    for stats in after.values():
-        assert_no_stale_adapter(stats, cache_size=2)
