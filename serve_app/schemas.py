@@ -8,9 +8,9 @@ prompt length, pixels) live in `config.Limits` and are checked in `workitems.bui
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**64 - 1
 OutputFormat = Literal["jpeg", "png", "webp"]
@@ -21,6 +21,19 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _unicode_text(value: str) -> str:
+    """Refuse lone surrogates: JSON can escape one (`"\\ud800"`), but no UTF-8 text holds it, so it
+    could be neither tokenized nor echoed back in an error body (found by tests/serve/test_fuzz.py)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+
+
 def _finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise ValueError("must be a finite number")
@@ -28,7 +41,7 @@ def _finite(value: float | None) -> float | None:
 
 
 class LoraItem(_Request):
-    path: str = Field(min_length=1, description="Path under the LoRA root, http(s):// URL or hf://owner/repo/file")
+    path: Text = Field(min_length=1, description="Path under the LoRA root, http(s):// URL or hf://owner/repo/file")
     network_multiplier: float | None = Field(
         None, ge=-2.0, le=2.0, description="LoRA scale; default 1.0. 0 gives the base model's image."
     )
@@ -37,8 +50,8 @@ class LoraItem(_Request):
 
 
 class PromptItem(_Request):
-    prompt: str = Field(description="The text; `[trigger]` is replaced by the trigger word")
-    trigger_word: str | None = Field(None, description="Overrides the request's trigger_word for this prompt")
+    prompt: Text = Field(description="The text; `[trigger]` is replaced by the trigger word")
+    trigger_word: Text | None = Field(None, description="Overrides the request's trigger_word for this prompt")
     width: int | None = Field(None, ge=64, le=4096, description="Default 1024; floored to a multiple of 16")
     height: int | None = Field(None, ge=64, le=4096, description="Default 1024; floored to a multiple of 16")
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="Default 42 + prompt index; -1 draws one")
@@ -46,14 +59,14 @@ class PromptItem(_Request):
     guidance_scale: float | None = Field(
         None, ge=0.0, le=20.0, description="FLUX distilled guidance (not CFG), default 4.0"
     )
-    neg: str | None = Field(None, description="Accepted; no effect on FLUX.1-dev, as in the reference")
+    neg: Text | None = Field(None, description="Accepted; no effect on FLUX.1-dev, as in the reference")
 
     _check_guidance = field_validator("guidance_scale")(_finite)
 
 
 class InferenceRequest(_Request):
-    model: str = Field(description="A configured model id, e.g. `flux`")
-    trigger_word: str | None = Field(None, description="Replaces `[trigger]` in every prompt")
+    model: Text = Field(description="A configured model id, e.g. `flux`")
+    trigger_word: Text | None = Field(None, description="Replaces `[trigger]` in every prompt")
     prompts: list[PromptItem] = Field(min_length=1, description="One image per prompt, in order")
     loras: list[LoraItem] = Field(default_factory=list, description="Empty or absent: the base model")
     output_format: OutputFormat = Field("jpeg", description="Image encoding; JPEG quality 95 as the reference")

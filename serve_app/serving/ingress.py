@@ -38,7 +38,7 @@ class FluxIngress:
     def __init__(self, generator: DeploymentHandle, jobs: DeploymentHandle, args: AppArgs):
         self.args = args
         self.generator = generator
-        self.client = GeneratorClient(generator)
+        self.client = GeneratorClient(generator, args.limits.retry_after_s)
         self.jobs = jobs
         self.sources = LoraSources(args.loras)
         self.replica = serve.get_replica_context().replica_id.unique_id

@@ -77,7 +77,7 @@ class Job:
 class FluxJobs:
     def __init__(self, generator: DeploymentHandle, args: AppArgs):
         self.args = args
-        self.client = GeneratorClient(generator)
+        self.client = GeneratorClient(generator, args.limits.retry_after_s)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.slots = asyncio.Semaphore(args.jobs.max_dispatched_items)
 

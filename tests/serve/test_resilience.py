@@ -1,0 +1,342 @@
+"""Resilience (issue 7): load, replica faults and autoscaling on a real local Ray Serve.
+
+Two deployments, each made once and shared by its tests (the file runs top to bottom):
+- `faults_url`: one generator replica, two ingress replicas. A 16-client load, then a generator
+  replica killed under load (its items are retried once, on the replacement Serve starts, or end
+  REPLICA_FAILED), then an ingress replica killed (FluxJobs keeps the jobs, the other ingress
+  reports them).
+- `autoscale_url`: the same args with the generator autoscaled between 1 and 2 replicas on short
+  delays: load brings the second replica, a trickle lets it drain away, no request is lost.
+
+Replicas are killed through Ray's own API (`ray.kill` of the replica actor), never by process.
+Load clients are plain HTTP clients: sync ones call /v1/generate, job ones submit to /v1/inference,
+poll the status and download the image. Every request must be answered within REQUEST_TIMEOUT_S:
+an image, a 503 OVERLOADED with Retry-After, or (only in the fault test) REPLICA_FAILED.
+Figures (counts, seconds) are printed with `-s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import itertools
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import ray
+from PIL import Image
+from ray import serve
+
+from serve_app import errors
+from tests.serve.conftest import APP_NAME, deploy_app
+from tests.serve.conftest import test_args as app_args  # aliased: pytest would collect `test_args`
+
+pytestmark = pytest.mark.serve
+
+SMALL = {"width": 64, "height": 64, "sample_steps": 2}
+REQUEST_TIMEOUT_S = 90  # an answer later than this is a lost request
+JOB_TIMEOUT_S = 60  # FluxJobs fails a job after this: none can stay in progress
+ANSWERED = {"image", "overloaded"}
+
+
+def resilience_args(lora_root):
+    return app_args(lora_root, jobs={"timeout_s": JOB_TIMEOUT_S})
+
+
+@pytest.fixture(scope="module")
+def faults_url(serve_url, lora_root):
+    return deploy_app(serve_url, resilience_args(lora_root), ingress_options={"num_replicas": 2},
+                      generator_options={"num_replicas": 1})
+
+
+AUTOSCALING = {
+    "min_replicas": 1,
+    "initial_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 2,
+    "upscale_delay_s": 2,
+    "downscale_delay_s": 4,
+    "look_back_period_s": 2,
+    # How often handles and replicas push the request counts the autoscaler decides on (default 10 s).
+    # Deprecated in favour of RAY_SERVE_{HANDLE,REPLICA}_AUTOSCALING_METRIC_PUSH_INTERVAL_S, but Ray
+    # 2.60 does not read those yet: its router and replica push every `metrics_interval_s`.
+    "metrics_interval_s": 0.5,
+}
+
+
+@pytest.fixture(scope="module")
+def autoscale_url(serve_url, lora_root):
+    return deploy_app(serve_url, resilience_args(lora_root), generator_options={"autoscaling_config": AUTOSCALING})
+
+
+# ---- load clients --------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    kind: str  # "sync" or "job"
+    started: float
+    finished: float
+    outcome: str  # "image", "overloaded", "replica_failed", or what went wrong
+
+
+def body(prompt: str, shape: dict = SMALL) -> dict:
+    return {"model": "flux", "prompts": [{"prompt": prompt, **shape}]}
+
+
+def is_image(data: bytes, shape: dict) -> bool:
+    return Image.open(io.BytesIO(data)).size == (shape["width"], shape["height"])
+
+
+def error_outcome(answer: httpx.Response) -> str:
+    try:
+        code = answer.json()["error"]["code"]
+    except Exception:
+        code = None
+    if answer.status_code == 503 and code == errors.OVERLOADED and int(answer.headers.get("Retry-After", 0)) > 0:
+        return "overloaded"
+    if answer.status_code == 500 and code == errors.REPLICA_FAILED:
+        return "replica_failed"
+    return f"HTTP {answer.status_code}: {answer.text[:200]}"
+
+
+class Load:
+    """HTTP clients that send requests back to back until stopped, recording every answer.
+
+    Runs its own event loop in a thread, so the test can kill replicas and watch Serve meanwhile.
+    """
+
+    def __init__(self, url: str, sync_clients: int, job_clients: int = 0, shape: dict = SMALL):
+        self.url, self.shape = url, shape
+        self.sync_clients, self.job_clients = sync_clients, job_clients
+        self.answers: list[Answer] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def start(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[Answer]:
+        """Stop sending; every client finishes the request it has out. Returns all answers."""
+        self._stop.set()
+        self._thread.join(REQUEST_TIMEOUT_S + 30)
+        assert not self._thread.is_alive(), "a load client is still waiting: a request hung"
+        return self.answers
+
+    async def _main(self) -> None:
+        limits = httpx.Limits(max_connections=self.sync_clients + self.job_clients + 4)
+        async with httpx.AsyncClient(base_url=self.url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+            await asyncio.gather(*(self._client(client, "sync", n) for n in range(self.sync_clients)),
+                                 *(self._client(client, "job", n) for n in range(self.job_clients)))
+
+    async def _client(self, client: httpx.AsyncClient, kind: str, n: int) -> None:
+        for i in itertools.count():
+            if self._stop.is_set():
+                return
+            started = time.time()
+            try:
+                run = self._sync if kind == "sync" else self._job
+                outcome = await run(client, f"{kind} client {n} request {i}")
+            except httpx.HTTPError as exc:
+                outcome = f"lost: {type(exc).__name__}: {exc}"
+            self.answers.append(Answer(kind, started, time.time(), outcome))
+            if outcome == "overloaded":
+                await asyncio.sleep(1.0)  # honour Retry-After, shortened to keep the pressure on
+
+    async def _sync(self, client: httpx.AsyncClient, prompt: str) -> str:
+        answer = await client.post("/v1/generate", json=body(prompt, self.shape))
+        if answer.status_code != 200:
+            return error_outcome(answer)
+        data = base64.b64decode(answer.json()["images"][0]["data"])
+        return "image" if is_image(data, self.shape) else "bad image"
+
+    async def _job(self, client: httpx.AsyncClient, prompt: str) -> str:
+        submitted = await client.post("/v1/inference", json=body(prompt, self.shape))
+        if submitted.status_code != 200:
+            return error_outcome(submitted)
+        request_id = submitted.json()["request_id"]
+        deadline = time.time() + REQUEST_TIMEOUT_S
+        while time.time() < deadline:
+            answer = await client.get(f"/v1/requests/{request_id}/status")
+            if answer.status_code != 200:
+                return f"status: {error_outcome(answer)}"
+            status = answer.json()
+            if status["status"] == "succeeded":
+                image = await client.get(f"/v1/requests/{request_id}/images/0")
+                ok = image.status_code == 200 and is_image(image.content, self.shape)
+                return "image" if ok else f"image download: HTTP {image.status_code}"
+            if status["status"] == "failed" and status["error_code"] == errors.REPLICA_FAILED:
+                return "replica_failed"
+            if status["status"] in ("failed", "canceled"):
+                return f"job {status['status']}: {status['error_code']} {status['error']}"
+            await asyncio.sleep(0.2)
+        return f"lost: job {request_id} still {status['status']} after {REQUEST_TIMEOUT_S} s"
+
+
+def tally(answers: list[Answer]) -> Counter:
+    return Counter(a.outcome if a.outcome in ANSWERED | {"replica_failed"} else "LOST: " + a.outcome
+                   for a in answers)
+
+
+# ---- Serve helpers ---------------------------------------------------------------------------------
+
+
+def replica_states(deployment: str) -> dict[str, int]:
+    status = serve.status().applications[APP_NAME].deployments[deployment]
+    return {str(getattr(state, "value", state)): n for state, n in status.replica_states.items() if n}
+
+
+def wait_for(predicate, timeout_s: float, poll_s: float = 0.25, what: str = "condition"):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what} not reached within {timeout_s} s")
+
+
+def generator_stats() -> dict:
+    return serve.get_deployment_handle("FluxGenerator", APP_NAME).stats.remote().result(timeout_s=60)
+
+
+def active_jobs() -> int:
+    counts = serve.get_deployment_handle("FluxJobs", APP_NAME).counts.remote().result(timeout_s=30)
+    return counts["active_jobs"]
+
+
+def serve_actor(name_part: str, replica_id: str | None = None) -> list[str]:
+    """Names of the live Serve replica actors whose name holds `name_part` (and the replica id)."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and name_part in a["name"] and (replica_id is None or replica_id in a["name"])]
+
+
+def wait_job(url: str, request_id: str, timeout_s: float = JOB_TIMEOUT_S + 10) -> dict:
+    def finished():
+        status = httpx.get(f"{url}/v1/requests/{request_id}/status").json()
+        return status if status["status"] in ("succeeded", "failed", "canceled") else None
+
+    return wait_for(finished, timeout_s, what=f"job {request_id} finished")
+
+
+def generates(url: str) -> bool:
+    answer = httpx.post(f"{url}/v1/generate", json=body("after"), timeout=REQUEST_TIMEOUT_S)
+    return answer.status_code == 200 and is_image(base64.b64decode(answer.json()["images"][0]["data"]), SMALL)
+
+
+# ---- load ------------------------------------------------------------------------------------------
+
+
+def test_16_clients_for_20_s_every_request_answered_none_lost(faults_url):
+    load = Load(faults_url, sync_clients=12, job_clients=4).start()
+    time.sleep(20)
+    answers = load.stop()
+    counts = tally(answers)
+    slowest = max(a.finished - a.started for a in answers)
+    print(f"\nLOAD 16 clients x 20 s: {len(answers)} requests answered {dict(counts)}, slowest {slowest:.1f} s")
+    assert set(counts) <= ANSWERED, counts
+    assert counts["image"] > 0
+    assert wait_for(lambda: active_jobs() == 0, 10, what="no active job")
+
+
+# ---- replica faults --------------------------------------------------------------------------------
+
+
+def test_a_generator_replica_killed_under_load_loses_no_request(faults_url):
+    victim = generator_stats()["actor_name"]  # before the load: stats() waits for the pipeline lock
+    load = Load(faults_url, sync_clients=6, job_clients=4).start()
+    try:
+        time.sleep(4)
+        killed_at = time.time()
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+        def served_after_kill():
+            done = [a.finished for a in list(load.answers) if a.started > killed_at and a.outcome == "image"]
+            return min(done) if done else None
+
+        first_image = wait_for(served_after_kill, REQUEST_TIMEOUT_S, what="an image of a request sent after the kill")
+        running = wait_for(lambda: replica_states("FluxGenerator") == {"RUNNING": 1} and time.time(), 60,
+                           what="the replacement replica RUNNING")
+        time.sleep(2)
+    finally:
+        answers = load.stop()
+
+    counts = tally(answers)
+    in_flight = tally([a for a in answers if a.started <= killed_at <= a.finished])
+    print(f"\nFAULT generator kill: {len(answers)} requests answered {dict(counts)}; "
+          f"in flight at the kill {dict(in_flight)}; recovered (first image of a request sent after the kill) "
+          f"in {first_image - killed_at:.1f} s, replacement seen RUNNING after {running - killed_at:.1f} s")
+    assert set(counts) <= ANSWERED | {"replica_failed"}, counts
+    assert sum(in_flight.values()) > 0  # the kill hit requests in flight
+    assert generator_stats()["actor_name"] != victim
+    assert wait_for(lambda: active_jobs() == 0, 10, what="no job left in progress")
+    assert generates(faults_url)
+
+
+def test_an_ingress_replica_killed_the_other_reports_its_jobs(faults_url):
+    assert len(serve_actor("FluxIngress")) == 2
+    done = httpx.post(f"{faults_url}/v1/inference", json=body("done before the kill")).json()
+    assert wait_job(faults_url, done["request_id"])["status"] == "succeeded"
+    submitted = httpx.post(f"{faults_url}/v1/inference",
+                           json=body("running at the kill", {"width": 256, "height": 256, "sample_steps": 20}))
+    running = submitted.json()
+    victim_replica = submitted.headers["X-Flux-Replica"]
+    [victim] = serve_actor("FluxIngress", victim_replica)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+    seen = set()
+    for job in (done, running):
+        answer = httpx.get(f"{faults_url}/v1/requests/{job['request_id']}/status")
+        assert answer.status_code == 200, answer.text
+        seen.add(answer.headers["X-Flux-Replica"])
+    final = wait_job(faults_url, running["request_id"])
+    assert final["status"] == "succeeded", final
+    for job in (done, running):
+        result = httpx.get(f"{faults_url}/v1/requests/{job['request_id']}/result")
+        assert result.status_code == 200 and result.json()["status"] == "succeeded"
+        seen.add(result.headers["X-Flux-Replica"])
+        image = httpx.get(f"{faults_url}{result.json()['outputs']['images'][0]['url']}")
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert victim_replica not in seen  # the survivor answered
+    print(f"\nFAULT ingress kill: jobs reported by {sorted(seen)}, killed {victim_replica}")
+    # Replaced: a new replica actor lives (so Serve's controller saw the death) and both run. The
+    # next redeploy would otherwise race the controller noticing the death, and fail.
+    wait_for(lambda: len(serve_actor("FluxIngress")) == 2 and not serve_actor("FluxIngress", victim_replica)
+             and replica_states("FluxIngress") == {"RUNNING": 2}, 60, what="the ingress replica replaced")
+
+
+# ---- autoscaling -----------------------------------------------------------------------------------
+
+
+def test_the_generator_scales_out_under_load_and_back_in_when_idle(autoscale_url):
+    assert replica_states("FluxGenerator") == {"RUNNING": 1}
+    load = Load(autoscale_url, sync_clients=6, job_clients=2).start()
+    started = time.time()
+    try:
+        decided = wait_for(lambda: sum(replica_states("FluxGenerator").values()) >= 2 and time.time(), 60,
+                           what="a second replica")
+        up = wait_for(lambda: replica_states("FluxGenerator").get("RUNNING", 0) == 2 and time.time(), 60,
+                      what="two replicas RUNNING")
+        time.sleep(3)  # both serve
+    finally:
+        heavy = load.stop()
+    idle = time.time()
+    trickle = Load(autoscale_url, sync_clients=1).start()  # requests keep coming while a replica drains
+    try:
+        down = wait_for(lambda: replica_states("FluxGenerator") == {"RUNNING": 1} and time.time(), 60,
+                        what="back to one replica")
+    finally:
+        light = trickle.stop()
+
+    counts = tally(heavy + light)
+    print(f"\nAUTOSCALE: replica added {decided - started:.1f} s after the load began (RUNNING after "
+          f"{up - started:.1f} s); removed {down - idle:.1f} s after the load dropped; "
+          f"{len(heavy) + len(light)} requests answered {dict(counts)}")
+    assert set(counts) <= ANSWERED, counts
+    assert counts["image"] > 0
