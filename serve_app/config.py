@@ -82,8 +82,13 @@ class JobArgs(StrictModel):
 
 
 class BatchArgs(StrictModel):
+    # A call holds max(1, pixel_budget // (width·height)) images. The default is the CPU measurement
+    # of bench/results/batching.md (three runs): per image, a call of 4 at 256² costs 0.92-1.02× of
+    # single calls and 128² gains 16-41%, while 512² loses in twos (1.08-1.15×) and fours
+    # (1.18-1.31×), 1024² in twos 1.02-1.28×: so 256² and smaller batch, 512² and larger run alone.
+    # A GPU gains at larger sizes: deploy/flux-dev.yaml sets its own.
     pixel_budget: PositiveInt = Field(
-        512 * 512 * 4, description="Pixels one pipeline call may hold; larger images run alone"
+        256 * 256 * 4, description="Pixels one pipeline call may hold; larger images run alone"
     )
 
 

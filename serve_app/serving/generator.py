@@ -96,9 +96,10 @@ class FluxGenerator:
     async def generate(self, item: WorkItem) -> ItemResult | ApiError:
         """Generate one work item; an error comes back as a value (it survives any pickling)."""
         try:
-            await self._fetch_remote_loras(item)
+            await self._fetch_loras(item)
         except ApiError as exc:
             return exc
+        await self.gate.enter(item.key)  # while a batch runs, wait for the next wave (batch_gate.py)
         try:
             return await self._batch(item)
         except asyncio.CancelledError:
@@ -115,6 +116,17 @@ class FluxGenerator:
 
     async def ready(self) -> bool:
         return True
+
+    async def batch_state(self) -> dict:
+        """The batching settings and what is in flight, without waiting for the pipeline lock."""
+        return {
+            "max_batch_size": self._batch._get_max_batch_size(),
+            "batch_wait_timeout_s": self._batch._get_batch_wait_timeout_s(),
+            "pixel_budget": self.pixel_budget,
+            "running_batches": self.gate.running,
+            "waiting_items": self.gate.waiting,
+            "waves": self.gate.waves,
+        }
 
     async def stats(self) -> dict:
         """Replica internals, for tests and debugging (not part of the HTTP API)."""
@@ -174,17 +186,18 @@ class FluxGenerator:
         by_index = {(item.request_id, item.index): out for item, out in zip(live, outcomes)}
         return [by_index.get((item.request_id, item.index)) or self._dead_error(item) for item in items]
 
-    async def _fetch_remote_loras(self, item: WorkItem) -> None:
-        """Download an item's URL and hf:// LoRA files before it joins a batch.
+    async def _fetch_loras(self, item: WorkItem) -> None:
+        """Fetch and check the LoRA files an item needs and the replica lacks, before it joins a batch.
 
-        Async jobs reach the generator with their URLs not yet fetched. Downloading inside the batch
-        (under the pipeline lock, with one batch running at a time) would stall every other item of
-        the replica for up to timeout × retries; here a slow or dead host delays only its own item,
-        and the load under the lock finds the file in the disk cache.
+        Async jobs reach the generator with their URLs not yet downloaded and their files not yet
+        checked. Doing that inside the batch (under the pipeline lock, one batch at a time) would
+        stall every other item of the replica for up to timeout × retries, and a broken file would
+        first make Serve's LRU evict a good cached set. Here a slow host or a broken file costs only
+        its own item; the load under the lock then finds a checked file (URLs: in the disk cache).
         """
         loaded = set(self.adapters.loaded_sources())
         for use in item.key.loras:
-            if "://" in use.source and use.source not in loaded:
+            if use.source not in loaded:
                 await asyncio.to_thread(self.sources.local_file, use.source)
 
     async def _acquire_loras(self, item: WorkItem) -> LoraSet | None:
@@ -229,7 +242,7 @@ class FluxGenerator:
         start = time.perf_counter()
         images = self.engine.generate(items, adapters, should_stop=lambda: all(self._is_dead(i) for i in items))
         seconds = time.perf_counter() - start
-        record["ok"] = True
+        record.update(ok=True, seconds=round(seconds, 4))
         self.metrics.record_call(key.label(), len(items), seconds)
         lora_modules = tuple((u.source, self.adapters.matched_modules(u.source)) for u in key.loras)
         return [
@@ -252,7 +265,8 @@ class FluxGenerator:
 
         `keys` counts the distinct ShapeKeys handed to the call (the engine refuses more than one,
         so a mixed call would show up here as a failed call with keys > 1, not be hidden by the
-        one-by-one retry); `ok` turns True when the call returns images.
+        one-by-one retry); `ok` turns True and `seconds` (the pipeline's time) is set when the call
+        returns images.
         """
         record = {
             "seq": next(self._call_seq),

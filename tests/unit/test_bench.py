@@ -1,0 +1,35 @@
+"""The benchmark's arithmetic: percentiles, windows, and the pixel budget rule."""
+
+from __future__ import annotations
+
+from bench.compare import choose_pixel_budget
+from bench.load import Run, Sample, Shape, parse_shapes, percentile, summarize
+
+
+def test_percentiles_are_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 95), percentile(values, 99)) == (50.0, 95.0, 99.0)
+    assert percentile([3.0], 99) == 3.0 and percentile([], 50) is None
+
+
+def test_only_requests_finishing_inside_the_window_count():
+    shapes = parse_shapes("64x64x1,128x128x2")
+    samples = [Sample("64x64x1", 0.0, 0.5, 200, 1),   # warm-up: not counted
+               Sample("64x64x1", 0.5, 1.5, 200, 1),
+               Sample("128x128x2", 1.0, 2.5, 200, 2),
+               Sample("128x128x2", 2.0, 2.9, 503, 0),
+               Sample("64x64x1", 2.5, 3.5, 200, 1)]   # after the window: not counted
+    summary = summarize([Run(samples, (1.0, 3.0))], shapes, clients=2)
+    assert summary["images"] == 3 and summary["images_per_s"] == 1.5
+    assert summary["errors"] == {"503": 1}
+    assert summary["by_shape"]["128x128x2"]["images"] == 2
+    assert Shape.parse("512x256x8") == Shape(512, 256, 8)
+
+
+def test_the_budget_is_the_largest_call_size_with_no_loss_at_or_below_it():
+    rows = [{"call_pixels": 2 * 128 * 128, "per_image_ratio": 0.8},
+            {"call_pixels": 4 * 256 * 256, "per_image_ratio": 1.01},
+            {"call_pixels": 2 * 512 * 512, "per_image_ratio": 1.15},
+            {"call_pixels": 8 * 256 * 256, "per_image_ratio": 1.0}]  # as large as a losing call: out
+    assert choose_pixel_budget(rows, tolerance=1.02) == 4 * 256 * 256
+    assert choose_pixel_budget(rows, tolerance=1.0) == 2 * 128 * 128
