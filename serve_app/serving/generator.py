@@ -198,7 +198,11 @@ class FluxGenerator:
         loaded = set(self.adapters.loaded_sources())
         for use in item.key.loras:
             if use.source not in loaded:
+                hits, downloaded = self.sources.stats["url_cache_hits"], self.sources.stats["bytes_downloaded"]
                 await asyncio.to_thread(self.sources.local_file, use.source)
+                self.metrics.record_fetch(
+                    self.sources.stats["url_cache_hits"] - hits, self.sources.stats["bytes_downloaded"] - downloaded
+                )
 
     async def _acquire_loras(self, item: WorkItem) -> LoraSet | None:
         key = item.key

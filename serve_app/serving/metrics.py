@@ -44,3 +44,9 @@ class GeneratorMetrics:
     def record_lora_load(self, seconds: float) -> None:
         self.lora_loads.inc()
         self.lora_load_seconds.observe(seconds)
+
+    def record_fetch(self, cache_hits: int, bytes_downloaded: int) -> None:
+        if cache_hits:
+            self.url_cache_hits.inc(cache_hits)
+        if bytes_downloaded:
+            self.bytes_downloaded.inc(bytes_downloaded)

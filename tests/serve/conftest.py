@@ -6,23 +6,9 @@ only what changed. Tests talk to it over real HTTP.
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-from pathlib import Path
-
-import httpx
 import pytest
 
-from serve_app.config import AppArgs
-
-APP_NAME = "flux"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.serve.helpers import free_port
 
 
 @pytest.fixture(scope="session")
@@ -45,44 +31,3 @@ def serve_url(flux_cache, tiny_dir) -> str:
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
-
-
-def test_args(lora_root: Path, **overrides) -> AppArgs:
-    """Args for tests: the small model on CPU, the test LoRA root, local URLs allowed."""
-    base = {
-        "model": {"id": "flux", "source": "tiny"},
-        "device": "cpu",
-        "torch_threads": 1,
-        "loras": {"root": str(lora_root), "cache_dir": str(lora_root / ".url-cache"), "allowed_hosts": ["127.0.0.1"],
-                  "max_adapters_per_replica": 4},
-        "fault_injection": True,
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return AppArgs.model_validate(base)
-
-
-def deploy_app(serve_url: str, args: AppArgs, **options) -> str:
-    """Deploy (or redeploy) the app with these args and options, and wait until /health is 200."""
-    from ray import serve
-
-    from serve_app.app import assemble
-
-    serve.run(assemble(args, **options), name=APP_NAME, route_prefix="/")
-    wait_healthy(serve_url)
-    return serve_url
-
-
-def wait_healthy(url: str, timeout_s: float = 120) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout_s} s")

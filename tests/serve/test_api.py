@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from serve_app import errors
-from tests.serve.conftest import deploy_app, test_args
+from tests.serve.helpers import app_args, deploy_app, wait_finished
 
 pytestmark = pytest.mark.serve
 
@@ -22,7 +22,7 @@ SMALL = {"width": 64, "height": 64, "sample_steps": 2}
 @pytest.fixture(scope="module")
 def url(serve_url, lora_root):
     # Two ingress replicas: status and result must not depend on which one answers.
-    return deploy_app(serve_url, test_args(lora_root), ingress_options={"num_replicas": 2})
+    return deploy_app(serve_url, app_args(lora_root), ingress_options={"num_replicas": 2})
 
 
 def body(**overrides) -> dict:
@@ -31,15 +31,6 @@ def body(**overrides) -> dict:
     request.update(overrides)
     return request
 
-
-def wait_finished(url: str, request_id: str, timeout_s: float = 60) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        status = httpx.get(f"{url}/v1/requests/{request_id}/status").json()
-        if status["status"] in ("succeeded", "failed", "canceled"):
-            return status
-        time.sleep(0.1)
-    raise TimeoutError(request_id)
 
 
 def decode(data: bytes) -> np.ndarray:

@@ -24,8 +24,7 @@ import pytest
 from PIL import Image
 
 from serve_app import errors
-from tests.serve.conftest import deploy_app
-from tests.serve.conftest import test_args as app_args  # aliased: pytest would collect `test_args`
+from tests.serve.helpers import app_args, deploy_app, wait_finished
 
 pytestmark = pytest.mark.serve
 
@@ -92,15 +91,6 @@ def calls_of(request_ids) -> list[dict]:
 def decode(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))).astype(np.int16)
 
-
-def wait_finished(url: str, request_id: str, timeout_s: float = 60) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        status = httpx.get(f"{url}/v1/requests/{request_id}/status").json()
-        if status["status"] in ("succeeded", "failed", "canceled"):
-            return status
-        time.sleep(0.05)
-    raise TimeoutError(request_id)
 
 
 # Four keys; three of them share the geometry label 64x64x2, so only the generator's own count of

@@ -18,7 +18,7 @@ from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import AppArgs
-from tests.serve.conftest import free_port
+from tests.serve.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["deploy/local.yaml", "deploy/flux-dev.yaml"]

@@ -26,8 +26,7 @@ from PIL import Image
 from ray import serve
 
 from serve_app.schemas import MAX_SEED
-from tests.serve.conftest import deploy_app
-from tests.serve.conftest import test_args as app_args  # aliased: pytest would collect `test_args`
+from tests.serve.helpers import app_args, deploy_app
 
 pytestmark = pytest.mark.serve
 

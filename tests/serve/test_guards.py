@@ -14,7 +14,7 @@ from PIL import Image
 from ray import serve
 
 from serve_app import errors
-from tests.serve.conftest import deploy_app, test_args
+from tests.serve.helpers import app_args, deploy_app, generator_stats
 
 pytestmark = pytest.mark.serve
 
@@ -28,7 +28,7 @@ LONG = {"width": 1024, "height": 1024, "sample_steps": 150}  # many seconds on t
 def url(serve_url, lora_root, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("secret") / "api-key"
     key_file.write_text(KEY + "\n")
-    args = test_args(
+    args = app_args(
         lora_root,
         auth={"api_key_file": str(key_file)},
         limits={"max_prompts_per_request": 4, "max_body_bytes": 20_000, "max_pending_jobs": 6,
@@ -42,9 +42,6 @@ def url(serve_url, lora_root, tmp_path_factory):
 def request(prompts=None, **extra) -> dict:
     return {"model": "flux", "prompts": prompts or [{"prompt": "a photo", **SMALL}], **extra}
 
-
-def generator_stats() -> dict:
-    return serve.get_deployment_handle("FluxGenerator", "flux").stats.remote().result(timeout_s=30)
 
 
 def wait_status(url, request_id, wanted, timeout_s=60) -> dict:

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from serve_app import errors, tiny
 from serve_app.engine.adapters import adapter_name
-from tests.serve.conftest import deploy_app, free_port, test_args
+from tests.serve.helpers import app_args, deploy_app, free_port, generator_stats, wait_finished
 
 pytestmark = pytest.mark.serve
 
@@ -87,13 +87,13 @@ def lora_files(lora_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(serve_url, lora_root, lora_files):
-    args = test_args(lora_root, loras={"download_timeout_s": TIMEOUT_S, "download_retries": 2,
+    args = app_args(lora_root, loras={"download_timeout_s": TIMEOUT_S, "download_retries": 2,
                                        "max_file_bytes": MAX_FILE, "max_adapters_per_replica": 4})
     return _deploy(serve_url, "one replica, cache 4", args)
 
 
 def _small_cache_args(lora_root):
-    return test_args(lora_root, strict_reference=True, loras={"max_adapters_per_replica": 2})
+    return app_args(lora_root, strict_reference=True, loras={"max_adapters_per_replica": 2})
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def small_cache_url(serve_url, lora_root, lora_files):
 @pytest.fixture
 def two_replicas_url(serve_url, lora_root, lora_files):
     # Args of its own, so both replicas start empty whatever ran before (Serve replaces them).
-    args = test_args(lora_root, loras={"max_adapters_per_replica": 2})
+    args = app_args(lora_root, loras={"max_adapters_per_replica": 2})
     return _deploy(serve_url, "two replicas, cache 2", args, generator_options={"num_replicas": 2})
 
 
@@ -137,21 +137,6 @@ def error_of(answer: httpx.Response, status: int = 400) -> dict:
     return answer.json()["error"]
 
 
-def wait_finished(url: str, request_id: str, timeout_s: float = 60) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        status = httpx.get(f"{url}/v1/requests/{request_id}/status").json()
-        if status["status"] in ("succeeded", "failed", "canceled"):
-            return status
-        time.sleep(0.05)
-    raise TimeoutError(request_id)
-
-
-def generator_stats() -> dict:
-    """One replica's internals (the only replica, where one runs)."""
-    from ray import serve
-
-    return serve.get_deployment_handle("FluxGenerator", "flux").stats.remote().result(timeout_s=30)
 
 
 def replica_stats(replicas: int, tries: int = 100) -> dict[str, dict]:

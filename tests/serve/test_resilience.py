@@ -33,8 +33,7 @@ from PIL import Image
 from ray import serve
 
 from serve_app import errors
-from tests.serve.conftest import APP_NAME, deploy_app
-from tests.serve.conftest import test_args as app_args  # aliased: pytest would collect `test_args`
+from tests.serve.helpers import APP_NAME, app_args, deploy_app, generator_stats
 
 pytestmark = pytest.mark.serve
 
@@ -201,9 +200,6 @@ def wait_for(predicate, timeout_s: float, poll_s: float = 0.25, what: str = "con
         time.sleep(poll_s)
     raise TimeoutError(f"{what} not reached within {timeout_s} s")
 
-
-def generator_stats() -> dict:
-    return serve.get_deployment_handle("FluxGenerator", APP_NAME).stats.remote().result(timeout_s=60)
 
 
 def active_jobs() -> int:
