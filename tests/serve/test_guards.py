@@ -135,6 +135,7 @@ def test_an_async_burst_gets_some_503s_and_loses_no_accepted_job(url):
     refused = [a for a in answers if a.status_code == 503]
     assert len(accepted) + len(refused) == 16
     assert refused and accepted
+    print(f"async burst of 16: {len(accepted)} accepted, {len(refused)} refused with 503")
     for answer in refused:
         assert answer.headers["Retry-After"] == "3"
         assert answer.json()["error"]["code"] == errors.OVERLOADED
@@ -150,6 +151,7 @@ def test_a_sync_burst_gets_some_503s_and_the_rest_succeed(url):
 
     statuses = sorted(a.status_code for a in asyncio.run(burst()))
     assert set(statuses) == {200, 503}
+    print(f"sync burst of 8: {statuses.count(200)} served, {statuses.count(503)} refused with 503")
 
 
 # ---- timeouts and cancel -------------------------------------------------------------------------
@@ -163,6 +165,7 @@ def test_a_timed_out_job_stops_its_pipeline_early(url):
     assert status["status"] == "failed" and status["error_code"] == errors.TIMEOUT
     steps = wait_idle() - before
     assert 0 < steps < LONG["sample_steps"]
+    print(f"timed out after 1.5 s: {steps} of {LONG['sample_steps']} steps ran")
     started = time.time()
     assert httpx.post(f"{url}/v1/generate", json=request(), headers=AUTH, timeout=60).status_code == 200
     assert time.time() - started < 10  # the replica is free right after
@@ -185,6 +188,7 @@ def test_cancel_of_a_running_lone_job_stops_its_pipeline_early(url):
     assert cancelled["status"] == "canceled" and cancelled["error_code"] == errors.CANCELED
     steps = wait_idle() - before
     assert 0 < steps < LONG["sample_steps"]
+    print(f"cancelled after 1 s: {steps} of {LONG['sample_steps']} steps ran")
     # A late finisher never overwrites the cancel.
     assert httpx.get(f"{url}/v1/requests/{job['request_id']}/status", headers=AUTH).json()["status"] == "canceled"
 
