@@ -75,6 +75,9 @@ class LoraArgs(StrictModel):
 class JobArgs(StrictModel):
     max_jobs: PositiveInt = Field(1000, description="Finished jobs kept; the oldest are dropped first")
     ttl_s: PositiveFloat = Field(3600.0, description="Seconds a finished job's result is kept")
+    max_result_bytes: PositiveInt = Field(
+        2 * 2**30, description="Image bytes of finished jobs kept in memory; the oldest jobs are dropped first"
+    )
     max_dispatched_items: PositiveInt = Field(
         64, description="Async work items sent to the generators at once; the rest wait `in_queue`"
     )

@@ -53,6 +53,10 @@ class Job:
     results: list[ItemResult | None] = field(default_factory=list)
     task: asyncio.Task | None = None
 
+    @property
+    def result_bytes(self) -> int:
+        return sum(len(r.data) for r in self.results if isinstance(r, ItemResult))
+
     def finish(self, status: str, error: ApiError | None = None) -> None:
         """The first finish wins: a late finisher never overwrites a timeout or a cancel."""
         if self.status in FINISHED:
@@ -89,7 +93,7 @@ class FluxJobs:
 
         An accepted job is never dropped for load: it runs, fails with a code, or is cancelled.
         """
-        self._prune()
+        self._prune(room=1)
         self._check_capacity(len(items))
         job = Job(request_id=request_id, items=items, metadata=metadata, results=[None] * len(items))
         self.jobs[request_id] = job
@@ -154,6 +158,7 @@ class FluxJobs:
             return
         job.results = list(results)
         job.finish("succeeded")
+        self._prune()
 
     async def _run_item(self, job: Job, item: WorkItem) -> ItemResult | ApiError:
         async with self.slots:
@@ -178,15 +183,21 @@ class FluxJobs:
                            {"request_id": request_id})
         return job
 
-    def _prune(self) -> None:
-        """Drop finished jobs past their time, then the oldest finished ones past the count."""
+    def _prune(self, room: int = 0) -> None:
+        """Drop finished jobs past their time, then the oldest finished ones while there are more
+        than `max_jobs` (less `room` for jobs about to be added) or their images hold more than
+        `max_result_bytes`: the store's memory stays bounded whatever the traffic."""
+        limits = self.args.jobs
         now = time.time()
-        finished = [j for j in self.jobs.values() if j.status in FINISHED]
-        for job in finished:
-            if now - job.finished_at > self.args.jobs.ttl_s:
+        for job in [j for j in self.jobs.values() if j.status in FINISHED]:
+            if now - job.finished_at > limits.ttl_s:
                 del self.jobs[job.request_id]
         finished = [j for j in self.jobs.values() if j.status in FINISHED]
-        for job in finished[: max(0, len(finished) - self.args.jobs.max_jobs + 1)]:
+        kept_bytes = sum(job.result_bytes for job in finished)
+        for count, job in zip(range(len(finished), 0, -1), finished):
+            if count + room <= limits.max_jobs and kept_bytes <= limits.max_result_bytes:
+                break
+            kept_bytes -= job.result_bytes
             del self.jobs[job.request_id]
 
 
