@@ -291,7 +291,11 @@ class LoraSources:
             raise _invalid(where, f"larger than {self.args.max_file_bytes} bytes ({size} bytes)")
         if size == 0:
             raise _invalid(where, "empty file")
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except OSError as exc:  # a permission problem, a directory...: the file is unusable, not the replica
+            raise _invalid(where, f"cannot be read ({type(exc).__name__})") from None
+        with f:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise _invalid(where, "not a safetensors file (truncated: shorter than its 8-byte header length)")

@@ -375,3 +375,23 @@ def test_hf_blobs_share_the_cache_cap(tmp_path, server, hub, base):
     src.local_file(f"{base}/good-after-hf")
     assert not blob.exists() and src.stats["cache_evictions"] == 1
     assert src.local_file("hf://alice/lora/x.safetensors").read_bytes() == server.files["good"]  # fetched again
+
+
+def test_an_unreadable_file_is_invalid_not_a_server_error(tmp_path):
+    if os.geteuid() == 0:
+        # root reads any file: make the path something that cannot be opened as a file instead
+        root = tmp_path / "root"
+        (root / "dir.safetensors").mkdir(parents=True)
+        sources = LoraSources(LoraArgs(root=str(root), cache_dir=str(tmp_path / "cache")))
+        with pytest.raises(ApiError) as info:
+            sources.validate_file(root / "dir.safetensors", label="dir.safetensors")
+    else:
+        root = tmp_path / "root"
+        root.mkdir()
+        locked = root / "locked.safetensors"
+        locked.write_bytes(b"x" * 64)
+        locked.chmod(0)
+        sources = LoraSources(LoraArgs(root=str(root), cache_dir=str(tmp_path / "cache")))
+        with pytest.raises(ApiError) as info:
+            sources.validate_file(locked, label="locked.safetensors")
+    assert info.value.code == "LORA_INVALID"
