@@ -15,7 +15,6 @@ import struct
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -31,6 +30,7 @@ _HF_WEB_HOSTS = ("huggingface.co", "hf.co")
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 _TRANSIENT_STATUS = {408, 429}  # retried like 5xx
 _BACKOFF_S = 0.2  # first retry wait; doubles per attempt
+_LOCK_STRIPES = 64
 
 
 class _Transient(Exception):
@@ -62,10 +62,10 @@ class LoraSources:
         self.root = Path(args.root)
         self.cache_dir = Path(args.cache_dir)
         self.stats = {"url_cache_hits": 0, "url_downloads": 0, "bytes_downloaded": 0, "cache_evictions": 0}
-        # One lock per source so two threads of this process don't fetch the same file twice;
-        # other processes are kept safe by the temp-file + os.replace pattern instead.
-        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
-        self._locks_guard = threading.Lock()
+        # Striped locks, so two threads of this process don't fetch the same file twice (a lock per
+        # source would grow with every URL ever seen); other processes are kept safe by the
+        # temp-file + os.replace pattern instead.
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
 
     # ---- canonical: policy only, no download -------------------------------------------------
 
@@ -166,8 +166,8 @@ class LoraSources:
             return self._url_file(source)
 
     def _lock_for(self, source: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks[source]
+        digest = hashlib.sha256(source.encode()).digest()
+        return self._locks[int.from_bytes(digest[:4], "little") % _LOCK_STRIPES]
 
     def _url_file(self, url: str) -> Path:
         name = hashlib.sha256(url.encode()).hexdigest() + SUFFIX
