@@ -61,15 +61,22 @@ def wait_healthy(url: str, timeout_s: float = 120) -> None:
     raise TimeoutError(f"{url} not healthy after {timeout_s} s")
 
 
-def wait_finished(url: str, request_id: str, timeout_s: float = 60, headers: dict | None = None) -> dict:
-    """Poll a job's status until it has ended; return that status."""
+def wait_status(url: str, request_id: str, wanted=FINISHED, timeout_s: float = 60,
+                headers: dict | None = None) -> dict:
+    """Poll a job's status until it is one of `wanted` (by default: ended); return that status."""
     deadline = time.time() + timeout_s
+    status = None
     while time.time() < deadline:
         status = httpx.get(f"{url}/v1/requests/{request_id}/status", headers=headers).json()
-        if status["status"] in FINISHED:
+        if status["status"] in wanted:
             return status
         time.sleep(0.05)
-    raise TimeoutError(request_id)
+    raise TimeoutError(f"{request_id} never reached {wanted}: {status}")
+
+
+def wait_finished(url: str, request_id: str, timeout_s: float = 60, headers: dict | None = None) -> dict:
+    """Poll a job's status until it has ended; return that status."""
+    return wait_status(url, request_id, FINISHED, timeout_s, headers)
 
 
 def generator_stats() -> dict:

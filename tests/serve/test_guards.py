@@ -14,6 +14,7 @@ from PIL import Image
 from ray import serve
 
 from serve_app import errors
+from tests.serve import helpers
 from tests.serve.helpers import app_args, deploy_app, generator_stats
 
 pytestmark = pytest.mark.serve
@@ -45,13 +46,7 @@ def request(prompts=None, **extra) -> dict:
 
 
 def wait_status(url, request_id, wanted, timeout_s=60) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        status = httpx.get(f"{url}/v1/requests/{request_id}/status", headers=AUTH).json()
-        if status["status"] in wanted:
-            return status
-        time.sleep(0.05)
-    raise TimeoutError(f"{request_id} never reached {wanted}: {status}")
+    return helpers.wait_status(url, request_id, wanted, timeout_s, headers=AUTH)
 
 
 def wait_idle(settle_s: float = 0.5) -> int:
