@@ -11,7 +11,10 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup serve test bench clean
+RUFF_VERSION := 0.17.5
+RUFF_STAMP := $(VENV)/.ruff-$(RUFF_VERSION)
+
+.PHONY: setup serve test lint bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +28,15 @@ $(STAMP): requirements.lock pyproject.toml
 # --address local: always a fresh single-machine Ray, never someone else's cluster.
 serve: setup
 	$(VENV)/bin/serve run --address local deploy/local.yaml
+
+# ruff, pinned and installed here (not with the app's pins: linting needs none of them).
+lint: $(RUFF_STAMP)
+	$(VENV)/bin/ruff check serve_app tests bench
+
+$(RUFF_STAMP):
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check ruff==$(RUFF_VERSION)
+	touch $(RUFF_STAMP)
 
 # pytest's exit 5 (no test collected) is a failure.
 test: setup

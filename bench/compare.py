@@ -5,8 +5,8 @@ For each shape of the mix (and for the mix itself), on the built-in small model:
       reference server runs: generate, then encode the image;
   (b) our server (local Ray, 127.0.0.1, a free port, one generator replica) with max_batch_size=1;
   (c) the same server with batching (max_batch_size=--batch-size, the pixel budget).
-(b) and (c) are switched live by redeploying with another user_config (the replica must not
-restart; the run checks it), in alternating rounds so that drift of a shared machine hits both.
+(b) and (c) are switched by redeploying with another user_config (a deploy from Python starts a
+new replica), in alternating rounds so that drift of a shared machine hits both.
 --clients concurrent HTTP clients (bench.load) send sync /v1/generate requests of one image.
 
 Also measured:
@@ -18,6 +18,9 @@ Also measured:
 
 Results: bench/results/batching.json and bench/results/batching.md. Longer runs: --duration,
 --rounds; other shapes: --shapes, --calibrate.
+
+The replica runs the test suite's RecordingEngine (tests/support/engines.py: the real engine, plus a
+record of each pipeline call), which is how the run knows the batch sizes and the pipeline's time.
 
 Torch threads: the engine baseline and the replica run with the same count, 1 by default. On a
 2-core machine a 2-thread OpenMP team collapses as soon as anything else wants a core (each
@@ -55,6 +58,8 @@ from bench.load import Shape, drive, latency_summary, parse_shapes, summarize  #
 RESULTS = Path(__file__).parent / "results"
 APP = "flux"
 MODEL_ID = "flux"
+GENERATOR = "FluxGenerator-flux"
+RECORDING_ENGINE = "tests.support.engines:RecordingEngine"
 
 
 # ---- the bare engine ---------------------------------------------------------------------------
@@ -70,9 +75,9 @@ def load_engine(torch_threads: int):
 
 
 def work_items(shape: Shape, count: int, tag: str):
-    from serve_app.engine.workitems import ShapeKey, WorkItem
+    from serve_app.engine.workitems import BatchKey, WorkItem
 
-    key = ShapeKey(model=MODEL_ID, width=shape.width, height=shape.height, steps=shape.steps, guidance=4.0)
+    key = BatchKey(model=MODEL_ID, width=shape.width, height=shape.height, steps=shape.steps, guidance=4.0)
     return [WorkItem(request_id=tag, index=i, prompt=f"bench {tag} {i}", seed=42 + i, key=key) for i in range(count)]
 
 
@@ -140,13 +145,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_server(app_args):
+def local_server(app_args, records: str):
     """Ray and Serve in this process, on 127.0.0.1 and a free port; shut down on exit."""
     import ray
     from ray import serve
 
+    from tests.support.engines import RECORDS_ENV
+
+    os.environ[RECORDS_ENV] = records
+    root = str(Path(__file__).resolve().parents[1])
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-             log_to_driver=False, logging_level="ERROR")
+             log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {RECORDS_ENV: records, "PYTHONPATH": root}})
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -161,50 +171,42 @@ class Server:
         self.url = url
         self.app_args = app_args
 
-    def generator(self):
+    def state(self):
         from ray import serve
 
-        return serve.get_deployment_handle("FluxGenerator", APP)
+        return serve.get_deployment_handle(GENERATOR, APP).state.remote().result(timeout_s=120)
 
     def configure(self, max_batch_size: int, batch_wait_timeout_s: float = 0.0) -> str:
-        """(Re)deploy with this user_config; return the generator replica's id once it applies."""
+        """Deploy with this user_config; return the generator replica's id once it serves."""
         from ray import serve
 
-        from serve_app.app import assemble
+        from serve_app.app import build_app_with
 
         user_config = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
-        serve.run(assemble(self.app_args, generator_options={"user_config": user_config}), name=APP, route_prefix="/")
-        deadline = time.time() + 120
-        while True:
-            state = self.generator().batch_state.remote().result(timeout_s=60)
-            if state["max_batch_size"] == max_batch_size and state["batch_wait_timeout_s"] == batch_wait_timeout_s:
-                break
-            if time.time() > deadline:
-                raise TimeoutError(f"user_config {user_config} not applied: {state}")
-            time.sleep(0.2)
+        serve.run(build_app_with(self.app_args, {GENERATOR: {"user_config": user_config}}), name=APP, route_prefix="/")
+        settings = self.state().batching.settings
+        if (settings.max_batch_size, settings.batch_wait_timeout_s) != (max_batch_size, batch_wait_timeout_s):
+            raise RuntimeError(f"user_config {user_config} not applied: {settings}")
         self._wait_healthy()
-        return self.stats()["replica"]
-
-    def stats(self) -> dict:
-        return self.generator().stats.remote().result(timeout_s=120)
+        return self.state().replica
 
     def wait_idle(self, timeout_s: float = 120) -> None:
         """Until no batch runs or waits (cancelled load drains)."""
         deadline = time.time() + timeout_s
         while time.time() < deadline:
-            state = self.generator().batch_state.remote().result(timeout_s=60)
-            if state["running_batches"] == 0 and state["waiting_items"] == 0:
+            state = self.state().batching
+            if state.running_batches == 0 and state.waiting_items == 0:
                 time.sleep(0.3)  # cancelled requests still leaving the queues
                 return
             time.sleep(0.2)
         raise TimeoutError("the generator did not go idle")
 
-    def last_seq(self) -> int:
-        calls = self.stats()["calls"]
-        return calls[-1]["seq"] if calls else 0
+    @staticmethod
+    def calls_since(t: float) -> list[dict]:
+        """The pipeline calls the replicas recorded since time `t`."""
+        from tests.serve.helpers import calls
 
-    def calls_since(self, seq: int) -> list[dict]:
-        return [c for c in self.stats()["calls"] if c["seq"] > seq]
+        return [c for c in calls() if c["t"] >= t]
 
     def _wait_healthy(self) -> None:
         deadline = time.time() + 120
@@ -228,11 +230,11 @@ def measure_load(server: Server, shapes: list[Shape], batch_sizes: dict[str, int
     for round_ in range(rounds):
         for name in names if round_ % 2 == 0 else names[::-1]:
             replicas.append(server.configure(batch_sizes[name]))
-            seq = server.last_seq()
+            since = time.time()
             runs[name].append(asyncio.run(drive(server.url, shapes, clients, duration_s=seconds, warmup_s=warmup,
                                                 model=MODEL_ID, seed=round_)))
             server.wait_idle()
-            calls[name].extend(server.calls_since(seq))
+            calls[name].extend(server.calls_since(since))
     results = {}
     for name in names:
         summary = summarize(runs[name], shapes, clients)
@@ -257,7 +259,7 @@ def measure_load(server: Server, shapes: list[Shape], batch_sizes: dict[str, int
 
 def one_client_latency(server: Server, shape: Shape, seconds: float, min_requests: int) -> dict:
     """Sequential requests of one image from one client; with the replica's pipeline time (p50)."""
-    seq = server.last_seq()
+    since = time.time()
     latencies = []
     body = {"model": MODEL_ID, "output_format": "jpeg",
             "prompts": [{"prompt": "lone", "width": shape.width, "height": shape.height, "sample_steps": shape.steps,
@@ -270,7 +272,7 @@ def one_client_latency(server: Server, shape: Shape, seconds: float, min_request
             client.post("/v1/generate", json=body).raise_for_status()
             latencies.append(time.perf_counter() - t)
     summary = latency_summary(latencies)
-    pipeline = [c["seconds"] for c in server.calls_since(seq) if c["ok"]]
+    pipeline = [c["seconds"] for c in server.calls_since(since) if c["ok"]]
     summary["replica_pipeline_p50"] = statistics.median(pipeline) if pipeline else None
     return summary
 
@@ -281,10 +283,10 @@ def one_client_latency(server: Server, shape: Shape, seconds: float, min_request
 def run(opts) -> dict:
     import torch
 
-    from serve_app.config import AppArgs, BatchArgs
+    from serve_app.config import AppArgs, BatchSettings
 
     shapes = opts.shapes
-    budget_default = BatchArgs().pixel_budget
+    budget_default = BatchSettings().pixel_budget
     result: dict = {
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -316,12 +318,12 @@ def run(opts) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
         app_args = AppArgs.model_validate({
-            "model": {"id": MODEL_ID, "source": "tiny"}, "device": "cpu", "torch_threads": opts.torch_threads,
+            "models": [{"id": MODEL_ID, "source": "tiny", "device": "cpu", "torch_threads": opts.torch_threads,
+                        "engine": RECORDING_ENGINE, "batching": {"pixel_budget": budget}}],
             "loras": {"root": f"{tmp}/loras", "cache_dir": f"{tmp}/lora-cache"},
-            "batching": {"pixel_budget": budget},
         })
         print("2. server: starting a local Ray", flush=True)
-        with local_server(app_args) as server:
+        with local_server(app_args, f"{tmp}/records") as server:
             configs = {"batch1": 1, "batched": opts.batch_size}
             first_replica = server.configure(1)
             groups = [[s] for s in shapes] + ([shapes] if len(shapes) > 1 else [])
@@ -332,7 +334,6 @@ def run(opts) -> dict:
                                                    opts.duration / opts.rounds, opts.warmup)
                 replicas.extend(seen)
             result["serving"] = serving
-            result["replica_restarts"] = len(set(replicas)) - 1
 
             print("3. one client: serving overhead and the batch window", flush=True)
             server.configure(1)
@@ -351,13 +352,12 @@ def run(opts) -> dict:
             lone = {}
             for wait in (0.0, 0.05):
                 server.configure(opts.batch_size, wait)
-                lone[str(wait)] = one_client_latency(server, shapes[0], opts.overhead_seconds / 2, opts.overhead_requests)
+                lone[str(wait)] = one_client_latency(server, shapes[0], opts.overhead_seconds / 2,
+                                                     opts.overhead_requests)
                 print(f"  lone {shapes[0].label} at batch_wait_timeout_s={wait}: p50 {_ms(lone[str(wait)]['p50'])} ms",
                       flush=True)
             result["lone_request"] = {"shape": shapes[0].label, "by_batch_wait_timeout_s": lone}
-            replicas.append(server.stats()["replica"])
-            result["replicas_seen"] = sorted(set(replicas))
-            result["replica_restarts"] = len(set(replicas)) - 1
+            result["replicas_seen"] = len(set(replicas))
 
     result["ratios"] = ratios(result)
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
@@ -396,8 +396,8 @@ def markdown(result: dict) -> str:
         "",
         "(a) bare engine, one prompt at a time (no Ray, no HTTP); (b) our server, `max_batch_size: 1`; "
         f"(c) our server, `max_batch_size: {s['batch_size']}` and the pixel budget "
-        f"({result['calibration']['budget_used']:,} px). (b) and (c) switch live by user_config; "
-        f"replica restarts during the run: {result['replica_restarts']}.",
+        f"({result['calibration']['budget_used']:,} px). (b) and (c) switch by redeploying with another "
+        "user_config.",
         "",
         "| shape | (a) engine img/s | (b) batch 1 img/s | (c) batched img/s | (c)/(b) ≥0.95 | (b)/(a) ≥0.9 "
         "| (b) p50 / p95 / p99 ms | (c) p50 / p95 / p99 ms | (c) images per call | errors |",
@@ -421,8 +421,9 @@ def markdown(result: dict) -> str:
         base = result["baseline"][name].get("latency_s")
         base_p50 = f" ({_ms(base['p50'])} ms)" if base else ""
         per = lambda x: _ms(x["replica_pipeline_s_per_image"])  # noqa: E731
+        busy = (configs["batch1"]["replica_busy_share"], configs["batched"]["replica_busy_share"])
         lines.append(f"| {name} | {per(configs['batch1'])} ms{base_p50} | {per(configs['batched'])} ms | "
-                     f"{configs['batch1']['replica_busy_share']:.2f} | {configs['batched']['replica_busy_share']:.2f} |")
+                     f"{busy[0]:.2f} | {busy[1]:.2f} |")
     lines += ["", "**Serving overhead** (one client, batch 1: HTTP end-to-end p50 minus the bare engine's p50; "
               "target ≤ 10 ms). The replica's own pipeline time is shown too: HTTP minus it is the serving "
               "path alone (Ray hops, HTTP, JSON, base64), and it minus the engine is compute lost to sharing the CPU.",
@@ -444,10 +445,10 @@ def markdown(result: dict) -> str:
               "best of repeats):", "", "| shape | k | call pixels | k × single s | call s | per-image ratio |",
               "|---|---|---|---|---|---|"]
     for row in cal["rows"]:
-        lines.append(f"| {row['shape']} | {row['images']} | {row['call_pixels']:,} | {row['images'] * row['single_s']:.3f} | "
-                     f"{row['call_s']:.3f} | {row['per_image_ratio']:.2f} |")
+        lines.append(f"| {row['shape']} | {row['images']} | {row['call_pixels']:,} | "
+                     f"{row['images'] * row['single_s']:.3f} | {row['call_s']:.3f} | {row['per_image_ratio']:.2f} |")
     lines += ["", f"Largest call size at which no measured batch cost more per image than single calls "
-              f"(ratio ≤ {cal['tolerance']}): {cal['measured_budget']:,} px; `BatchArgs.pixel_budget` default: "
+              f"(ratio ≤ {cal['tolerance']}): {cal['measured_budget']:,} px; `BatchSettings.pixel_budget` default: "
               f"{cal['default_budget']:,} px (a call holds max(1, budget // (width·height)) images)."]
     lines += ["", "**Notes.**", "",
               "- The machine is shared with other work: a run at a load average of 5-9 (other test suites) measured "

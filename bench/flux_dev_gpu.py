@@ -23,8 +23,9 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from serve_app.engine.pipeline import AdapterWeight, FluxEngine
-from serve_app.engine.workitems import ShapeKey, WorkItem
+from serve_app.engine.base import AdapterWeight
+from serve_app.engine.pipeline import FluxEngine
+from serve_app.engine.workitems import BatchKey, WorkItem
 from serve_app.tiny import SCHEDULER_CONFIG, _clip_tokenizer, _t5_tokenizer, build_tiny_pipeline
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,7 +65,8 @@ def build_flux_dev_random(device: str = "cuda", dtype: torch.dtype = torch.bfloa
         torch.set_default_dtype(previous)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae, text_encoder=text_encoder,
-        tokenizer=_clip_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=_t5_tokenizer(), transformer=transformer,
+        tokenizer=_clip_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=_t5_tokenizer(),
+        transformer=transformer,
     )
     for module in (text_encoder, text_encoder_2, transformer, vae):
         module.eval()
@@ -84,7 +86,7 @@ def add_random_lora(engine: FluxEngine, rank: int = 16) -> str:
 
 
 def items(n: int, size: int, steps: int) -> list[WorkItem]:
-    key = ShapeKey(model="flux", width=size, height=size, steps=steps, guidance=4.0)
+    key = BatchKey(model="flux", width=size, height=size, steps=steps, guidance=4.0)
     return [WorkItem(request_id="bench", index=i, prompt=f"a photo number {i}", seed=i, key=key) for i in range(n)]
 
 
@@ -154,7 +156,8 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         lines.append(f"| {r['size']}² | {r['batch']} | {'yes' if r['lora'] else 'no'} | {r['s_per_call']:.3f} | "
-                     f"{r['s_per_image']:.3f} | {r['images_per_s']:.3f} | {r['images_per_s'] / base[r['size']]:.2f}× | {peak} |")
+                     f"{r['s_per_image']:.3f} | {r['images_per_s']:.3f} | "
+                     f"{r['images_per_s'] / base[r['size']]:.2f}× | {peak} |")
     return "\n".join(lines) + "\n"
 
 

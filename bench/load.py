@@ -31,7 +31,7 @@ class Shape:
     steps: int
 
     @classmethod
-    def parse(cls, text: str) -> "Shape":
+    def parse(cls, text: str) -> Shape:
         try:
             width, height, steps = (int(part) for part in text.lower().split("x"))
         except ValueError:

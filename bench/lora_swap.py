@@ -30,9 +30,9 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -61,9 +61,9 @@ class SetLru:
 
 
 def work_item(source: str, width: int, height: int, steps: int, seed: int):
-    from serve_app.engine.workitems import LoraUse, ShapeKey, WorkItem
+    from serve_app.engine.workitems import BatchKey, LoraUse, WorkItem
 
-    key = ShapeKey(model="flux", width=width, height=height, steps=steps, guidance=4.0,
+    key = BatchKey(model="flux", width=width, height=height, steps=steps, guidance=4.0,
                    loras=(LoraUse(source=source, multiplier=1.0),))
     return WorkItem(request_id="bench", index=0, prompt=PROMPT, seed=seed, key=key, output_format="jpeg")
 

@@ -1,6 +1,6 @@
 """AppArgs: the typed `args` of a Serve config YAML (one pydantic model, validated at start).
 
-Config models forbid unknown fields, so a typo in a YAML fails `serve run` with a clear message
+Config models forbid unknown fields, so a typo in a YAML fails `serve run` with the field's name
 instead of being ignored. Defaults live only here.
 """
 
@@ -8,27 +8,81 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    StringConstraints,
+    model_validator,
+)
 
 TINY_SOURCE = "tiny"
+GENERATOR_PREFIX = "FluxGenerator-"
+
+# A model id names its generator deployment (`FluxGenerator-<id>`), so it keeps to characters that
+# every part of Serve and Prometheus takes as they are (Serve reserves '#').
+ModelId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+# `module.path:attribute`
+ImportPath = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(StrictModel):
-    id: str = Field("flux", description="The `model` value clients send")
+class BatchSettings(StrictModel):
+    """How a generator replica batches work items. Also the generator deployment's `user_config`:
+    a YAML may override any of these per deployment, and `serve deploy` applies that live."""
+
+    max_batch_size: PositiveInt = Field(4, description="Work items one batch may hold (Serve's @serve.batch)")
+    batch_wait_timeout_s: NonNegativeFloat = Field(
+        0.0, description="How long a batch waits to fill; 0: a lone request starts at once"
+    )
+    # A call holds max(1, pixel_budget // (width·height)) images. The default is the CPU measurement
+    # of bench/results/batching.md (three runs): per image, a call of 4 at 256² costs 0.92-1.02× of
+    # single calls and 128² gains 16-41%, while 512² loses in twos (1.08-1.15×) and fours
+    # (1.18-1.31×), 1024² in twos 1.02-1.28×: so 256² and smaller batch, 512² and larger run alone.
+    pixel_budget: PositiveInt = Field(
+        256 * 256 * 4, description="Pixels one pipeline call may hold; larger images run alone"
+    )
+
+
+class ModelArgs(StrictModel):
+    """One served model: its own generator deployment, `FluxGenerator-<id>`."""
+
+    id: ModelId = Field("flux", description="The `model` value clients send; names the deployment")
+    kind: Literal["reference"] = Field(
+        "reference", description="`reference`: diffusers' FluxPipeline called as the reference server calls it"
+    )
+    description: str = Field("FLUX.1-dev as the reference server runs it", description="One line for GET /v1/models")
     source: str = Field(
         TINY_SOURCE,
         description="`tiny` (the built-in small model), a Hugging Face repo id, or a local diffusers directory",
     )
     base_model: str = Field("black-forest-labs/FLUX.1-dev", description="Reported by GET /v1/models")
     revision: str | None = Field(None, description="Hugging Face revision of `source`")
-    default_steps: PositiveInt = 25
-    default_guidance_scale: float = 4.0
+    default_steps: PositiveInt = Field(25, description="sample_steps when a prompt gives none")
+    default_guidance_scale: float = Field(4.0, ge=0, le=20, description="guidance_scale when a prompt gives none")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when there is one")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto`: bf16 on CUDA, fp32 on CPU, as the reference"
+    )
+    torch_threads: PositiveInt | None = Field(
+        None, description="torch intra-op threads of a replica; unset: Ray's choice (the replica's num_cpus)"
+    )
+    batching: BatchSettings = Field(default_factory=BatchSettings)
+    engine: ImportPath | None = Field(
+        None, description="Test only: `module:Class` built in place of the kind's engine (its `from_args(model)`)"
+    )
+
+    @property
+    def deployment_name(self) -> str:
+        return GENERATOR_PREFIX + self.id
 
 
 class Limits(StrictModel):
@@ -68,7 +122,7 @@ class LoraArgs(StrictModel):
     download_timeout_s: PositiveFloat = 60.0
     download_retries: int = Field(3, ge=1, description="Attempts per download, with backoff")
     hf_enabled: bool = Field(True, description="Allow hf://owner/repo/file sources")
-    max_adapters_per_replica: PositiveInt = Field(8, description="LRU size of each replica's adapter cache")
+    max_adapters_per_replica: PositiveInt = Field(8, description="LoRA sets each generator replica keeps loaded (LRU)")
     write_demo: bool = Field(False, description="Write the demo LoRA for the built-in small model on start")
 
 
@@ -84,40 +138,37 @@ class JobArgs(StrictModel):
     timeout_s: PositiveFloat = Field(600.0, description="Seconds a request may take, queueing included")
 
 
-class BatchArgs(StrictModel):
-    # A call holds max(1, pixel_budget // (width·height)) images. The default is the CPU measurement
-    # of bench/results/batching.md (three runs): per image, a call of 4 at 256² costs 0.92-1.02× of
-    # single calls and 128² gains 16-41%, while 512² loses in twos (1.08-1.15×) and fours
-    # (1.18-1.31×), 1024² in twos 1.02-1.28×: so 256² and smaller batch, 512² and larger run alone.
-    # A GPU gains at larger sizes: deploy/flux-dev.yaml sets its own.
-    pixel_budget: PositiveInt = Field(
-        256 * 256 * 4, description="Pixels one pipeline call may hold; larger images run alone"
-    )
-
-
 class AppArgs(StrictModel):
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: PositiveInt | None = Field(None, description="torch intra-op threads of a CPU replica")
+    models: list[ModelArgs] = Field(
+        default_factory=lambda: [ModelArgs()], min_length=1, description="The models served, one deployment each"
+    )
     loras: LoraArgs = Field(default_factory=LoraArgs)
     limits: Limits = Field(default_factory=Limits)
     jobs: JobArgs = Field(default_factory=JobArgs)
-    batching: BatchArgs = Field(default_factory=BatchArgs)
     auth: AuthArgs = Field(default_factory=AuthArgs)
     base_url: str | None = Field(None, description="Prefix for status/result/image URLs; paths if unset")
     cors_origins: list[str] = Field(default_factory=list)
     strict_reference: bool = Field(False, description="Answer SINGLE_LORA_ONLY / LORA_FILE_REQUIRED like the reference")
-    fault_injection: bool = Field(
-        False, description="Test only: a prompt containing `[[fail]]` fails in the engine"
-    )
 
     @model_validator(mode="after")
-    def _base_url_has_no_trailing_slash(self) -> "AppArgs":
+    def _model_ids_are_unique(self) -> AppArgs:
+        ids = [m.id for m in self.models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"models: each id must be unique; repeated: {duplicates}")
+        return self
+
+    @model_validator(mode="after")
+    def _base_url_has_no_trailing_slash(self) -> AppArgs:
         if self.base_url is not None and self.base_url.endswith("/"):
             object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         return self
 
-    def resolved(self, start_dir: str | None = None) -> "AppArgs":
+    def model(self, model_id: str) -> ModelArgs | None:
+        """The configured model of this id, or None."""
+        return next((m for m in self.models if m.id == model_id), None)
+
+    def resolved(self, start_dir: str | None = None) -> AppArgs:
         """A copy with the LoRA root and cache resolved to absolute paths, once, by the app builder.
 
         Relative paths are taken against the directory `serve run` starts in, so every replica

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from serve_app.schemas import ErrorInfo, ErrorResponse
+
 # Request errors: answered before any work is queued.
 VALIDATION_ERROR = "VALIDATION_ERROR"
 MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
@@ -23,6 +25,9 @@ REQUEST_NOT_FOUND = "REQUEST_NOT_FOUND"
 UNAUTHORIZED = "UNAUTHORIZED"
 BODY_TOO_LARGE = "BODY_TOO_LARGE"
 OVERLOADED = "OVERLOADED"
+NOT_FOUND = "NOT_FOUND"  # no such route
+METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+HTTP_ERROR = "HTTP_ERROR"  # any other HTTP-level refusal
 # Job failures: reported in a job's status, not as an HTTP error of the submit call.
 TIMEOUT = "TIMEOUT"
 CANCELED = "CANCELED"
@@ -44,6 +49,8 @@ HTTP_STATUS: dict[str, int] = {
     UNAUTHORIZED: 401,
     BODY_TOO_LARGE: 413,
     OVERLOADED: 503,
+    NOT_FOUND: 404,
+    METHOD_NOT_ALLOWED: 405,
     TIMEOUT: 504,
     CANCELED: 409,
     REPLICA_FAILED: 500,
@@ -71,11 +78,29 @@ class ApiError(Exception):
         return HTTP_STATUS.get(self.code, 500)
 
     def to_body(self) -> dict[str, Any]:
-        """The error envelope of SPEC section 3."""
-        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+        """The error envelope of SPEC section 3 (`schemas.ErrorResponse`), as JSON-ready data."""
+        return ErrorResponse(error=ErrorInfo(code=self.code, message=self.message, details=self.details)).model_dump()
 
     def __reduce__(self):
         return (type(self), (self.code, self.message, self.details))
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+def code_for_status(status: int) -> str:
+    """The code of an HTTP-level refusal that no ApiError raised (an unknown route, a wrong method)."""
+    return {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED}.get(status, HTTP_ERROR)
+
+
+def validation_error(loc: list[str | int], message: str, kind: str = "value_error") -> ApiError:
+    """A 422 VALIDATION_ERROR for a rule pydantic cannot check, shaped like the schema's own errors.
+
+    Args:
+        loc: the field path, e.g. ["body", "loras", 1, "path"] or ["header", "x-flux-timeout"].
+        message: what is wrong with the value, for a person.
+        kind: a short machine-readable type, as pydantic's `type`.
+    """
+    where = ".".join(str(part) for part in loc[1:]) or str(loc[0])
+    problem = {"loc": [str(part) for part in loc], "msg": message, "type": kind}
+    return ApiError(VALIDATION_ERROR, f"invalid request: {where}: {message}", {"errors": [problem]})

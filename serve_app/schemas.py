@@ -13,6 +13,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**64 - 1
+# The API's own defaults (the reference's). Steps and guidance default per model: GET /v1/models.
+DEFAULT_SIZE = 1024
+DEFAULT_SEED = 42  # plus the prompt's index
+DEFAULT_MULTIPLIER = 1.0
+RESOLUTION_DIVISOR = 16
 OutputFormat = Literal["jpeg", "png", "webp"]
 JobStatus = Literal["in_queue", "in_progress", "succeeded", "failed", "canceled"]
 
@@ -43,7 +48,7 @@ def _finite(value: float | None) -> float | None:
 class LoraItem(_Request):
     path: Text = Field(min_length=1, description="Path under the LoRA root, http(s):// URL or hf://owner/repo/file")
     network_multiplier: float | None = Field(
-        None, ge=-2.0, le=2.0, description="LoRA scale; default 1.0. 0 gives the base model's image."
+        None, ge=-2.0, le=2.0, description=f"LoRA scale; default {DEFAULT_MULTIPLIER}. 0 gives the base model's image."
     )
 
     _check_multiplier = field_validator("network_multiplier")(_finite)
@@ -52,12 +57,18 @@ class LoraItem(_Request):
 class PromptItem(_Request):
     prompt: Text = Field(description="The text; `[trigger]` is replaced by the trigger word")
     trigger_word: Text | None = Field(None, description="Overrides the request's trigger_word for this prompt")
-    width: int | None = Field(None, ge=64, le=4096, description="Default 1024; floored to a multiple of 16")
-    height: int | None = Field(None, ge=64, le=4096, description="Default 1024; floored to a multiple of 16")
-    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="Default 42 + prompt index; -1 draws one")
-    sample_steps: int | None = Field(None, ge=1, le=150, description="Denoising steps, default 25")
+    width: int | None = Field(
+        None, ge=64, le=4096, description=f"Default {DEFAULT_SIZE}; floored to a multiple of {RESOLUTION_DIVISOR}"
+    )
+    height: int | None = Field(
+        None, ge=64, le=4096, description=f"Default {DEFAULT_SIZE}; floored to a multiple of {RESOLUTION_DIVISOR}"
+    )
+    seed: int | None = Field(
+        None, ge=-1, le=MAX_SEED, description=f"Default {DEFAULT_SEED} + prompt index; -1 draws one"
+    )
+    sample_steps: int | None = Field(None, ge=1, le=150, description="Denoising steps; default: the model's")
     guidance_scale: float | None = Field(
-        None, ge=0.0, le=20.0, description="FLUX distilled guidance (not CFG), default 4.0"
+        None, ge=0.0, le=20.0, description="FLUX distilled guidance (not CFG); default: the model's"
     )
     neg: Text | None = Field(None, description="Accepted; no effect on FLUX.1-dev, as in the reference")
 
@@ -120,49 +131,80 @@ class StatusResponse(BaseModel):
     error_code: str | None = None
 
 
-class ImageOutput(BaseModel):
+class ImageInfo(BaseModel):
     index: int
     format: OutputFormat
-    width: int = Field(description="Effective width (floored to 16)")
-    height: int = Field(description="Effective height (floored to 16)")
+    width: int = Field(description=f"Effective width (floored to {RESOLUTION_DIVISOR})")
+    height: int = Field(description=f"Effective height (floored to {RESOLUTION_DIVISOR})")
     seed: int = Field(description="The seed used (drawn when the request said -1)")
+
+
+class ImageOutput(ImageInfo):
     url: str = Field(description="Where to download the file")
 
 
-class InlineImage(BaseModel):
-    index: int
-    format: OutputFormat
-    width: int
-    height: int
-    seed: int
+class InlineImage(ImageInfo):
     data: str = Field(description="Base64 of the file bytes, no data: prefix")
+
+
+class LoraReport(BaseModel):
+    path: str = Field(description="As the request gave it")
+    network_multiplier: float
+    matched_modules: int | None = Field(None, description="Model modules the file wrapped (once it has loaded)")
+
+
+class ResultMetadata(BaseModel):
+    model: str
+    base_model: str
+    loras: list[LoraReport] = Field(default_factory=list)
+    inference_time: float | None = Field(None, description="Seconds from the start of work to the end")
+
+
+class ImageOutputs(BaseModel):
+    images: list[ImageOutput]
+    videos: list[Any] = Field(default_factory=list, description="Always empty (the reference's field)")
 
 
 class ResultResponse(BaseModel):
     request_id: str
     status: JobStatus
-    outputs: dict[str, list[ImageOutput]] | None = None
+    outputs: ImageOutputs | None = None
     error: str | None = None
     error_code: str | None = None
     created_at: str
     finished_at: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: ResultMetadata
 
 
 class GenerateResponse(BaseModel):
     request_id: str
     status: Literal["succeeded"] = "succeeded"
     images: list[InlineImage]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: ResultMetadata
 
 
 class ModelCard(BaseModel):
     id: str
+    kind: str = Field(description="`reference`: the reference server's pipeline")
+    description: str
     base_model: str
-    resolution_divisor: int = 16
-    default_steps: int = 25
-    default_guidance_scale: float = 4.0
+    resolution_divisor: int
+    default_steps: int
+    default_guidance_scale: float
 
 
 class ModelList(BaseModel):
     models: list[ModelCard]
+
+
+class ModelHealth(BaseModel):
+    state: Literal["ready", "scaled_to_zero", "starting", "unavailable"] = Field(
+        description="`scaled_to_zero`: no replica, by its autoscaling (not an error; a request wakes it)"
+    )
+    replicas: int = Field(description="Replicas running")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "unhealthy"]
+    models: dict[str, ModelHealth] = Field(default_factory=dict)
+    unavailable: list[str] = Field(default_factory=list, description="Models (or `jobs`) that do not answer")

@@ -3,7 +3,7 @@
 The replica's LRU (Serve's `@serve.multiplexed`) holds LoRA *sets* (the files of one request).
 Two sets may share a file: {A, B} and {A}. Each file is loaded once as a PEFT adapter and counts
 the sets that hold it, so evicting {A, B} unloads B but keeps A while {A} is cached.
-Not thread-safe: the generator calls it only while it holds the pipeline lock.
+Not thread-safe: the replica calls it on its engine thread only, while it holds the pipeline lock.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
+from serve_app.engine.base import AdapterWeight, Engine
 from serve_app.engine.lora_sources import LoraSources
-from serve_app.engine.pipeline import AdapterWeight, FluxEngine
 from serve_app.engine.workitems import LoraUse
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class LoraSet:
     """
 
     sources: tuple[str, ...]
-    _release: Callable[["LoraSet"], None] | None = field(default=None, repr=False)
+    _release: Callable[[LoraSet], None] | None = field(default=None, repr=False)
 
     def release(self) -> None:
         release, self._release = self._release, None
@@ -58,7 +58,7 @@ class AdapterCache:
 
     def __init__(
         self,
-        engine: FluxEngine,
+        engine: Engine,
         sources: LoraSources,
         on_load: Callable[[float], None] | None = None,
         on_evict: Callable[[], None] | None = None,

@@ -3,7 +3,7 @@
 The reference (notes/reference.md section 2) calls `pipe(prompt, height, width,
 num_inference_steps, guidance_scale, generator, negative_prompt)` and leaves everything else at
 diffusers' defaults (max_sequence_length 512, true_cfg_scale 1.0, the model's own scheduler).
-We do the same for a list of items that share a ShapeKey, with one CPU generator per image, so
+We do the same for a list of items that share a BatchKey, with one CPU generator per image, so
 an image does not depend on what else shared its call.
 
 No Ray here: this module runs, is tested and is benchmarked without it.
@@ -12,35 +12,22 @@ No Ray here: this module runs, is tested and is benchmarked without it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
 from serve_app import errors
-from serve_app.config import TINY_SOURCE
+from serve_app.config import TINY_SOURCE, ModelArgs
+from serve_app.engine.base import AdapterWeight, GenerationInterrupted, StepCallback, StopCheck
 from serve_app.engine.workitems import WorkItem
 from serve_app.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
-# Test-only fault injection (AppArgs.fault_injection): a prompt holding this marker fails its call.
-FAIL_MARKER = "[[fail]]"
-
-
-class GenerationInterrupted(Exception):
-    """Every item of a call was cancelled or timed out; the call stopped at a step boundary."""
-
-
-@dataclass(frozen=True)
-class AdapterWeight:
-    """A loaded adapter and the weight (the request's network_multiplier) it runs at."""
-
-    name: str
-    weight: float
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(device: str = "auto") -> str:
@@ -49,12 +36,16 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def dtype_for(device: str) -> torch.dtype:
-    """bf16 on CUDA and fp32 on CPU, as the reference."""
+def dtype_for(device: str, dtype: str = "auto") -> torch.dtype:
+    """`auto` is bf16 on CUDA and fp32 on CPU, as the reference."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def load_flux_pipeline(source: str, device: str, revision: str | None = None) -> FluxPipeline:
+def load_flux_pipeline(
+    source: str, device: str, revision: str | None = None, dtype: torch.dtype | None = None
+) -> FluxPipeline:
     """Load a FluxPipeline from `tiny`, a local diffusers directory or a Hugging Face repo id.
 
     `tiny` is built once into a cache directory and then loaded through the same
@@ -65,7 +56,7 @@ def load_flux_pipeline(source: str, device: str, revision: str | None = None) ->
         from serve_app.tiny import ensure_tiny_dir
 
         source = str(ensure_tiny_dir())
-    kwargs = {"dtype": dtype_for(device)}
+    kwargs = {"dtype": dtype or dtype_for(device)}
     if revision and not Path(source).is_dir():
         kwargs["revision"] = revision
     pipe = FluxPipeline.from_pretrained(source, **kwargs)
@@ -76,22 +67,20 @@ def load_flux_pipeline(source: str, device: str, revision: str | None = None) ->
 class FluxEngine:
     """Owns one FluxPipeline: adapters in, images out. Not thread-safe: callers serialize."""
 
-    def __init__(self, pipe: FluxPipeline, device: str, fault_injection: bool = False):
+    def __init__(self, pipe: FluxPipeline, device: str):
         self.pipe = pipe
         self.device = device
-        self.fault_injection = fault_injection
-        self.steps_run = 0  # denoising steps executed since start: lets tests see a call stop early
 
     @classmethod
-    def load(
-        cls,
-        source: str = TINY_SOURCE,
-        device: str = "auto",
-        revision: str | None = None,
-        fault_injection: bool = False,
-    ) -> "FluxEngine":
+    def load(cls, source: str = TINY_SOURCE, device: str = "auto", revision: str | None = None,
+             dtype: str = "auto") -> FluxEngine:
         device = pick_device(device)
-        return cls(load_flux_pipeline(source, device, revision), device, fault_injection)
+        return cls(load_flux_pipeline(source, device, revision, dtype_for(device, dtype)), device)
+
+    @classmethod
+    def from_args(cls, model: ModelArgs) -> FluxEngine:
+        """The engine of a configured `reference` model."""
+        return cls.load(model.source, model.device, model.revision, model.dtype)
 
     # ---- adapters --------------------------------------------------------------------------
 
@@ -143,14 +132,12 @@ class FluxEngine:
             torch.cuda.empty_cache()
 
     def adapter_names(self) -> set[str]:
-        return {n for names in self.pipe.get_list_adapters().values() for n in names}
+        """The adapters loaded now: registered with the pipeline, or holding weights in any LoRA layer.
 
-    def layer_adapter_names(self) -> set[str]:
-        """Adapter names that any PEFT LoRA layer still holds weights for (its lora_A/lora_B keys).
-
-        After `delete_adapter` this must be a subset of `adapter_names()`: a layer keeping the
-        weights of a deleted adapter would leak memory with every LoRA swap.
+        After `delete_adapter` a name must be gone from both: a layer keeping the weights of a
+        deleted adapter would leak memory with every LoRA swap, and would show here.
         """
+        registered = {n for names in self.pipe.get_list_adapters().values() for n in names}
         held: set[str] = set()
         for component in self._lora_components():
             for module in component.modules():
@@ -158,7 +145,7 @@ class FluxEngine:
                     weights = getattr(module, attr, None)
                     if isinstance(weights, torch.nn.ModuleDict):
                         held.update(weights.keys())
-        return held
+        return registered | held
 
     def activate(self, adapters: Sequence[AdapterWeight]) -> None:
         """Make exactly `adapters` active at their weights, or the base model if empty.
@@ -184,30 +171,31 @@ class FluxEngine:
         self,
         items: Sequence[WorkItem],
         adapters: Sequence[AdapterWeight] = (),
-        should_stop: Callable[[], bool] | None = None,
+        should_stop: StopCheck | None = None,
+        on_step: StepCallback | None = None,
     ) -> list[Image.Image]:
-        """Run one pipeline call for items that share a ShapeKey; one image per item, in order.
+        """Run one pipeline call for items that share a BatchKey; one image per item, in order.
 
         Args:
             items: work items with equal `key`.
             adapters: the LoRA adapters (already loaded) and their weights for this call.
             should_stop: polled after each denoising step; when it returns True the call stops
                 and GenerationInterrupted is raised (used when every item is cancelled).
+            on_step: told (step, steps) after each denoising step (progress).
         """
         key = items[0].key
         if any(item.key != key for item in items):
-            raise ValueError("a pipeline call takes items of one ShapeKey only")
-        if self.fault_injection and any(FAIL_MARKER in item.prompt for item in items):
-            raise RuntimeError(f"fault injection: a prompt holds {FAIL_MARKER}")
+            raise ValueError("a pipeline call takes items of one BatchKey only")
         self.activate(adapters)
         stopped = False
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             nonlocal stopped
-            self.steps_run += 1
+            if on_step is not None:
+                on_step(step + 1, key.steps)
             if should_stop is not None and should_stop():
                 stopped = True
-                pipe._interrupt = True  # FluxPipeline skips the remaining steps
+                pipe._interrupt = True  # FluxPipeline's own flag: it skips the remaining steps
             return callback_kwargs
 
         with torch.inference_mode():
@@ -222,5 +210,5 @@ class FluxEngine:
                 callback_on_step_end=on_step_end,
             )
         if stopped:
-            raise GenerationInterrupted(f"stopped after step {self.steps_run}")
+            raise GenerationInterrupted("every image of the call was cancelled or timed out")
         return list(output.images)

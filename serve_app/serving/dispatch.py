@@ -1,12 +1,12 @@
-"""Sending work items to the generator deployment, with LoRA affinity and one retry on a lost replica.
+"""Sending work items to their model's generator deployment, with LoRA affinity and one retry on a lost replica.
 
 Every call that uses LoRAs carries the LoRA-set id as Serve's multiplexed model id, so the router
 prefers replicas that already hold the set (Serve does not pass the id downstream by itself).
 Base-model calls carry none and are load-balanced. Configured handles are cached, as Ray Serve
 LLM does: creating a handle per call costs the event loop.
 
-Both callers (the ingress for /v1/generate, FluxJobs for async jobs) go through `run_one`, so the
-retry rule below holds for every work item.
+Both callers (the ingress for /v1/generate, FluxJobs for async jobs) go through `Generators.run_one`,
+so the retry rule below holds for every work item of every model.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ REPLICA_ATTEMPTS = 2  # the first call and one retry
 
 
 class GeneratorClient:
-    def __init__(self, handle: DeploymentHandle, retry_after_s: int = 5):
+    def __init__(self, handle: DeploymentHandle, retry_after_s: int):
         self._handle = handle
         self._retry_after_s = retry_after_s
         self._by_set: OrderedDict[str, DeploymentHandle] = OrderedDict()
@@ -86,9 +86,18 @@ class GeneratorClient:
                     continue
                 logger.error("work item %s[%d] failed on %d replicas: %s", item.request_id, item.index,
                              REPLICA_ATTEMPTS, type(exc).__name__)
-                return ApiError(errors.REPLICA_FAILED,
-                                f"the generator replica failed: {type(exc).__name__}: {exc}"[:500])
+                return ApiError(errors.REPLICA_FAILED, "the generator replica failed; the request was not completed")
         raise AssertionError("unreachable")
+
+
+class Generators:
+    """One GeneratorClient per model: routes each work item to its model's generator deployment."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle], retry_after_s: int):
+        self._clients = {model: GeneratorClient(handle, retry_after_s) for model, handle in handles.items()}
+
+    async def run_one(self, item: WorkItem) -> ItemResult | ApiError:
+        return await self._clients[item.key.model].run_one(item)
 
     async def run(self, items: list[WorkItem]) -> list[ItemResult | ApiError]:
         return list(await asyncio.gather(*(self.run_one(item) for item in items)))

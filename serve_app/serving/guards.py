@@ -9,9 +9,7 @@ from pathlib import Path
 
 from serve_app import errors
 from serve_app.config import AppArgs, AuthArgs
-from serve_app.errors import ApiError
-
-TIMEOUT_HEADER = "x-flux-timeout"  # seconds; may only lower the configured timeout
+from serve_app.errors import ApiError, validation_error
 
 
 def load_api_key(auth: AuthArgs) -> str | None:
@@ -50,8 +48,7 @@ def request_timeout(args: AppArgs, header: str | None) -> float:
     except ValueError:
         asked = float("nan")
     if not asked > 0:  # also refuses NaN
-        raise ApiError(errors.VALIDATION_ERROR, f"X-Flux-Timeout must be a positive number of seconds, got {header!r}",
-                       {"errors": [{"loc": ["header", "x-flux-timeout"], "msg": "not a positive number", "type": "value_error"}]})
+        raise validation_error(["header", "x-flux-timeout"], f"must be a positive number of seconds, got {header!r}")
     return min(asked, limit)
 
 

@@ -1,51 +1,71 @@
-"""Prometheus metrics of the generator (ray.serve.metrics adds deployment/replica tags).
+"""Prometheus metrics of a generator replica (ray.serve.metrics adds deployment and replica tags).
 
-Tagged by shape (`1024x1024x25`), never by LoRA: LoRA ids are unbounded and Serve already
-exports `ray_serve_registered_multiplexed_model_id` per loaded set.
+Tagged by model and shape (`1024x1024x25`), never by LoRA: LoRA ids are unbounded and Serve
+already exports `ray_serve_registered_multiplexed_model_id` per loaded set.
 """
 
 from __future__ import annotations
 
 from ray.serve import metrics
 
+from serve_app.engine.workitems import BatchKey
+from serve_app.replica import ReplicaObserver
+
 _BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16]
 _SECONDS_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
 
 
-class GeneratorMetrics:
-    def __init__(self) -> None:
+class GeneratorMetrics(ReplicaObserver):
+    def __init__(self, model: str) -> None:
+        shape = ("model", "shape")
         self.batch_size = metrics.Histogram(
-            "flux_batch_size", "Images per pipeline call", boundaries=_BATCH_BOUNDARIES, tag_keys=("shape",)
+            "flux_batch_size", "Images per pipeline call", boundaries=_BATCH_BOUNDARIES, tag_keys=shape
         )
-        self.images = metrics.Counter("flux_images_generated", "Images generated", tag_keys=("shape",))
+        self.images = metrics.Counter("flux_images_generated", "Images generated", tag_keys=shape)
         self.seconds_per_image = metrics.Histogram(
             "flux_generation_seconds_per_image",
             "Pipeline call seconds divided by its images",
             boundaries=_SECONDS_BOUNDARIES,
-            tag_keys=("shape",),
+            tag_keys=shape,
         )
-        self.failed_items = metrics.Counter("flux_items_failed", "Work items that failed", tag_keys=("code",))
-        self.lora_hits = metrics.Counter("flux_lora_cache_hits", "LoRA set found in the replica's cache")
-        self.lora_misses = metrics.Counter("flux_lora_cache_misses", "LoRA set not in the replica's cache")
-        self.lora_loads = metrics.Counter("flux_lora_adapter_loads", "LoRA files loaded as adapters")
-        self.lora_evictions = metrics.Counter("flux_lora_set_evictions", "LoRA sets evicted from the cache")
+        self.failed_items = metrics.Counter("flux_items_failed", "Work items that failed", tag_keys=("model", "code"))
+        self.lora_hits = metrics.Counter("flux_lora_cache_hits", "LoRA set found in the replica's cache", ("model",))
+        self.lora_misses = metrics.Counter(
+            "flux_lora_cache_misses", "LoRA set not in the replica's cache", tag_keys=("model",)
+        )
+        self.lora_loads = metrics.Counter("flux_lora_adapter_loads", "LoRA files loaded as adapters", ("model",))
+        self.lora_evictions = metrics.Counter("flux_lora_set_evictions", "LoRA sets evicted from the cache", ("model",))
         self.lora_load_seconds = metrics.Histogram(
-            "flux_lora_load_seconds", "Seconds to load one LoRA file", boundaries=_SECONDS_BOUNDARIES
+            "flux_lora_load_seconds", "Seconds to load one LoRA file", boundaries=_SECONDS_BOUNDARIES,
+            tag_keys=("model",),
         )
-        self.url_cache_hits = metrics.Counter("flux_lora_url_cache_hits", "Downloaded LoRA found on disk")
-        self.bytes_downloaded = metrics.Counter("flux_lora_bytes_downloaded", "Bytes of LoRA files downloaded")
+        self.url_cache_hits = metrics.Counter("flux_lora_url_cache_hits", "Downloaded LoRA found on disk", ("model",))
+        self.bytes_downloaded = metrics.Counter(
+            "flux_lora_bytes_downloaded", "Bytes of LoRA files downloaded", tag_keys=("model",)
+        )
+        for metric in vars(self).values():
+            metric.set_default_tags({"model": model})
 
-    def record_call(self, shape: str, images: int, seconds: float) -> None:
-        tags = {"shape": shape}
+    def call_done(self, key: BatchKey, images: int, seconds: float) -> None:
+        tags = {"shape": key.label()}
         self.batch_size.observe(images, tags=tags)
         self.images.inc(images, tags=tags)
         self.seconds_per_image.observe(seconds / max(images, 1), tags=tags)
 
-    def record_lora_load(self, seconds: float) -> None:
+    def item_failed(self, code: str) -> None:
+        self.failed_items.inc(tags={"code": code})
+
+    def lora_set_used(self, hit: bool) -> None:
+        (self.lora_hits if hit else self.lora_misses).inc()
+
+    def lora_loaded(self, seconds: float) -> None:
         self.lora_loads.inc()
         self.lora_load_seconds.observe(seconds)
 
-    def record_fetch(self, cache_hits: int, bytes_downloaded: int) -> None:
+    def lora_set_evicted(self) -> None:
+        self.lora_evictions.inc()
+
+    def lora_fetched(self, cache_hits: int, bytes_downloaded: int) -> None:
         if cache_hits:
             self.url_cache_hits.inc(cache_hits)
         if bytes_downloaded:

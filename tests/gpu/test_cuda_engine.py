@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from serve_app.engine.pipeline import FluxEngine, dtype_for
-from serve_app.engine.workitems import ShapeKey, WorkItem
+from serve_app.engine.workitems import BatchKey, WorkItem
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,7 +18,7 @@ pytestmark = [
 def test_cuda_engine_runs_in_bf16_with_cpu_generators(tiny_dir):
     engine = FluxEngine.load(str(tiny_dir), device="cuda")
     assert engine.pipe.transformer.dtype == dtype_for("cuda") == torch.bfloat16
-    key = ShapeKey(model="flux", width=256, height=256, steps=4, guidance=4.0)
+    key = BatchKey(model="flux", width=256, height=256, steps=4, guidance=4.0)
     items = [WorkItem(request_id="g", index=i, prompt=f"a photo {i}", seed=i, key=key) for i in range(4)]
     batched = engine.generate(items)
     alone = engine.generate(items[:1])

@@ -1,17 +1,29 @@
-"""Helpers of the serve tests: the test args, deploying the app, waiting on it."""
+"""Helpers of the serve tests: the test args, deploying the app, waiting on it, reading the replicas.
+
+Test replicas run `tests.support.engines:RecordingEngine` (the real engine, plus `[[fail]]` fault
+injection and call records); `calls()` and `steps_run()` read what it recorded.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from serve_app.config import AppArgs
+from tests.support.engines import RECORDS_ENV
 
 APP_NAME = "flux"
+GENERATOR = "FluxGenerator-flux"
 FINISHED = ("succeeded", "failed", "canceled")
+TEST_ENGINE = "tests.support.engines:RecordingEngine"
+
+_deployed: dict[str, str | None] = {"key": None}
 
 
 def free_port() -> int:
@@ -20,15 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def model_args(model_id: str = "flux", **fields) -> dict:
+    """A model of the test args: the small model on CPU, one torch thread, the recording engine."""
+    return {"id": model_id, "source": "tiny", "device": "cpu", "torch_threads": 1, "engine": TEST_ENGINE, **fields}
+
+
 def app_args(lora_root: Path, **overrides) -> AppArgs:
-    """Args for tests: the small model on CPU, the test LoRA root, local URLs allowed."""
-    base = {
-        "model": {"id": "flux", "source": "tiny"},
-        "device": "cpu",
-        "torch_threads": 1,
+    """Args for tests: the model `flux`, the test LoRA root, local URLs allowed. An override of a
+    section (loras, limits, jobs...) is merged into it; `models` replaces the list."""
+    base: dict[str, Any] = {
+        "models": [model_args()],
         "loras": {"root": str(lora_root), "cache_dir": str(lora_root / ".url-cache"), "allowed_hosts": ["127.0.0.1"],
                   "max_adapters_per_replica": 4},
-        "fault_injection": True,
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -38,13 +53,27 @@ def app_args(lora_root: Path, **overrides) -> AppArgs:
     return AppArgs.model_validate(base)
 
 
-def deploy_app(serve_url: str, args: AppArgs, **options) -> str:
-    """Deploy (or redeploy) the app with these args and options, and wait until /health is 200."""
+def deploy_app(serve_url: str, args: AppArgs, *, generator: dict | None = None, ingress: dict | None = None,
+               deployments: dict[str, dict] | None = None) -> str:
+    """Deploy the app with these args and deployment options, and wait until /health is 200.
+
+    `generator` and `ingress` are the options of `FluxGenerator-flux` and `FluxIngress`. A deploy
+    from Python restarts every replica (Serve gives it a new version), so an unchanged one is skipped.
+    """
     from ray import serve
 
-    from serve_app.app import assemble
+    from serve_app.app import build_app_with
 
-    serve.run(assemble(args, **options), name=APP_NAME, route_prefix="/")
+    options = dict(deployments or {})
+    if generator:
+        options[GENERATOR] = generator
+    if ingress:
+        options["FluxIngress"] = ingress
+    key = args.model_dump_json() + json.dumps(options, sort_keys=True)
+    if _deployed["key"] != key:
+        _deployed["key"] = None  # a failed deploy must not look current
+        serve.run(build_app_with(args, options), name=APP_NAME, route_prefix="/")
+        _deployed["key"] = key
     wait_healthy(serve_url)
     return serve_url
 
@@ -79,8 +108,29 @@ def wait_finished(url: str, request_id: str, timeout_s: float = 60, headers: dic
     return wait_status(url, request_id, FINISHED, timeout_s, headers)
 
 
-def generator_stats() -> dict:
-    """A generator replica's internals (they wait for its pipeline lock: a running call ends first)."""
+def generator_state(loras: bool = False, deployment: str = GENERATOR):
+    """A generator replica's GeneratorState (with `loras`, it waits for a running pipeline call)."""
     from ray import serve
 
-    return serve.get_deployment_handle("FluxGenerator", APP_NAME).stats.remote().result(timeout_s=60)
+    return serve.get_deployment_handle(deployment, APP_NAME).state.remote(loras).result(timeout_s=60)
+
+
+def _records() -> Path:
+    return Path(os.environ[RECORDS_ENV])
+
+
+def calls(request_ids=None) -> list[dict]:
+    """The pipeline calls every test replica recorded, oldest first; only those serving `request_ids` if given."""
+    records = []
+    for path in _records().glob("calls-*.jsonl"):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line]
+    records.sort(key=lambda r: r["t"])
+    if request_ids is None:
+        return records
+    wanted = set(request_ids)
+    return [r for r in records if wanted & set(r["requests"])]
+
+
+def steps_run() -> int:
+    """Denoising steps run by every test replica so far."""
+    return sum(path.stat().st_size for path in _records().glob("steps-*"))

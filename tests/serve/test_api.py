@@ -12,17 +12,25 @@ import pytest
 from PIL import Image
 
 from serve_app import errors
-from tests.serve.helpers import app_args, deploy_app, wait_finished
+from tests.serve.helpers import APP_NAME, app_args, calls, deploy_app, model_args, wait_finished
 
 pytestmark = pytest.mark.serve
 
 SMALL = {"width": 64, "height": 64, "sample_steps": 2}
+# Three models behind one ingress: `flux`, a second reference model with other defaults, and one
+# allowed to scale to zero (it starts with no replica).
+SECOND = model_args("flux-b", description="a second model", default_steps=3, default_guidance_scale=2.5)
+IDLE = model_args("flux-idle", description="scales to zero")
+IDLE_AUTOSCALING = {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0,
+                    "downscale_delay_s": 600, "look_back_period_s": 2, "metrics_interval_s": 0.5}
 
 
 @pytest.fixture(scope="module")
 def url(serve_url, lora_root):
     # Two ingress replicas: status and result must not depend on which one answers.
-    return deploy_app(serve_url, app_args(lora_root), ingress_options={"num_replicas": 2})
+    args = app_args(lora_root, models=[model_args(), SECOND, IDLE])
+    return deploy_app(serve_url, args, ingress={"num_replicas": 2},
+                      deployments={"FluxGenerator-flux-idle": {"autoscaling_config": IDLE_AUTOSCALING}})
 
 
 def body(**overrides) -> dict:
@@ -81,7 +89,7 @@ def test_server_image_equals_the_engine_image(url, tiny_dir, lora_root):
     from serve_app.engine.images import encode_image
     from serve_app.engine.lora_sources import LoraSources
     from serve_app.engine.pipeline import FluxEngine
-    from serve_app.engine.workitems import build_work_items
+    from serve_app.requests import build_work_items
     from serve_app.schemas import InferenceRequest
 
     request = body(output_format="png", loras=[{"path": "aitk/style.safetensors", "network_multiplier": 0.7}])
@@ -100,11 +108,10 @@ def test_status_and_result_are_the_same_from_every_ingress_replica(url):
     job = httpx.post(f"{url}/v1/inference", json=body()).json()
     wait_finished(url, job["request_id"])
     replicas, answers = set(), []
-    with httpx.Client() as client:  # new connections, so the proxy spreads them
-        for _ in range(30):
-            answer = httpx.get(f"{url}/v1/requests/{job['request_id']}/result")
-            replicas.add(answer.headers["x-flux-replica"])
-            answers.append(answer.json())
+    for _ in range(30):  # a new connection each, so the proxy spreads them
+        answer = httpx.get(f"{url}/v1/requests/{job['request_id']}/result")
+        replicas.add(answer.headers["x-flux-replica"])
+        answers.append(answer.json())
     assert len(replicas) == 2
     assert all(a == answers[0] for a in answers)
 
@@ -119,14 +126,7 @@ def test_cancel_of_a_queued_job_means_it_never_runs(url):
     assert wait_finished(url, blocker["request_id"])["status"] == "succeeded"
     final = httpx.get(f"{url}/v1/requests/{queued['request_id']}/result").json()
     assert final["status"] == "canceled" and final["outputs"] is None
-    calls = _generator_stats()["calls"]
-    assert "192x192x3" not in {call["shape"] for call in calls}  # its shape never reached the pipeline
-
-
-def _generator_stats() -> dict:
-    from ray import serve
-
-    return serve.get_deployment_handle("FluxGenerator", "flux").stats.remote().result(timeout_s=30)
+    assert "192x192x3" not in {call["shape"] for call in calls()}  # its shape never reached the pipeline
 
 
 ERROR_CASES = [
@@ -176,14 +176,53 @@ def test_generation_failure_is_reported_as_a_job_failure(url):
 
 def test_models_health_and_openapi(url):
     models = httpx.get(f"{url}/v1/models").json()["models"]
-    assert models == [{"id": "flux", "base_model": "black-forest-labs/FLUX.1-dev", "resolution_divisor": 16,
-                       "default_steps": 25, "default_guidance_scale": 4.0}]
-    assert httpx.get(f"{url}/health").json() == {"status": "healthy"}
+    assert [(m["id"], m["kind"], m["description"], m["default_steps"], m["default_guidance_scale"]) for m in models] == [
+        ("flux", "reference", "FLUX.1-dev as the reference server runs it", 25, 4.0),
+        ("flux-b", "reference", "a second model", 3, 2.5),
+        ("flux-idle", "reference", "scales to zero", 25, 4.0)]
+    assert all(m["base_model"] == "black-forest-labs/FLUX.1-dev" and m["resolution_divisor"] == 16 for m in models)
     spec = httpx.get(f"{url}/openapi.json").json()
     assert spec["openapi"].startswith("3.")
     for path in ("/v1/inference", "/v1/generate", "/v1/requests/{request_id}/status", "/v1/requests/{request_id}/result",
                  "/v1/requests/{request_id}/images/{index}", "/v1/requests/{request_id}", "/v1/models", "/health"):
         assert path in spec["paths"], path
+
+
+def test_each_model_runs_on_its_own_generator_deployment(url):
+    answers = {model: httpx.post(f"{url}/v1/generate", json=body(model=model, prompts=[{"prompt": "a cat", "seed": 3}]),
+                                 timeout=60) for model in ("flux", "flux-b")}
+    for model, answer in answers.items():
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["metadata"]["model"] == model
+    # Each model's own defaults: flux 1024² x 25 steps; flux-b 1024² x 3 steps, on its own replica.
+    served = {answer.json()["request_id"]: model for model, answer in answers.items()}
+    recorded = {tuple(c["requests"]): (c["model"], c["shape"]) for c in calls(served)}
+    assert sorted(recorded.values()) == [("flux", "1024x1024x25"), ("flux-b", "1024x1024x3")]
+    assert {served[r[0]]: model for r, (model, _) in recorded.items()} == {"flux": "flux", "flux-b": "flux-b"}
+
+    unknown = httpx.post(f"{url}/v1/generate", json=body(model="sdxl")).json()["error"]
+    assert unknown["code"] == errors.MODEL_NOT_FOUND
+    assert unknown["details"]["available"] == ["flux", "flux-b", "flux-idle"]
+
+
+def test_health_lists_a_scaled_to_zero_model_without_waking_it(url):
+    from ray import serve
+
+    for _ in range(5):
+        answer = httpx.get(f"{url}/health")
+        assert answer.status_code == 200, answer.text
+        time.sleep(0.2)
+    health = answer.json()
+    assert health["status"] == "healthy" and health["unavailable"] == []
+    assert health["models"]["flux"]["state"] == "ready" and health["models"]["flux-b"]["state"] == "ready"
+    assert health["models"]["flux-idle"] == {"state": "scaled_to_zero", "replicas": 0}
+    idle = serve.status().applications[APP_NAME].deployments["FluxGenerator-flux-idle"]
+    assert sum(idle.replica_states.values()) == 0  # the probes woke nothing
+
+    # A request wakes it: the job waits for the cold start and succeeds.
+    job = httpx.post(f"{url}/v1/inference", json=body(model="flux-idle")).json()
+    assert wait_finished(url, job["request_id"], timeout_s=120)["status"] == "succeeded"
+    assert httpx.get(f"{url}/health").json()["models"]["flux-idle"] == {"state": "ready", "replicas": 1}
 
 
 @pytest.mark.parametrize("mode", [[], ["--async"]], ids=["sync", "async"])
@@ -194,4 +233,5 @@ def test_command_line_client_writes_the_image(url, tmp_path, mode):
     client.main(["[trigger] a photo of a person", "--url", url, "--trigger", "sks", "--lora", "aitk/style.safetensors",
                  "--width", "96", "--height", "64", "--steps", "2", "--seed", "5", "--format", "png", "--out", str(out),
                  *mode])
-    assert Image.open(out).size == (96, 64)
+    with Image.open(out) as image:
+        assert image.size == (96, 64)

@@ -1,13 +1,13 @@
 """Dynamic batching on a real local Ray Serve, over real HTTP (issue 4).
 
-What a user relies on: items of one ShapeKey share pipeline calls whatever request they came in,
+What a user relies on: items of one BatchKey share pipeline calls whatever request they came in,
 items of different keys never do, an image does not depend on what it was batched with, the batch
-settings change live, one bad prompt fails only its own request, and a stream of distinct keys
-leaves nothing behind in the replica.
+settings of a deploy take effect, one bad prompt fails only its own request, and a stream of
+distinct keys leaves nothing behind in the replica.
 
 Batch formation is made deterministic with a "blocker": a long call of another shape that is
 running while the burst arrives, so the whole burst reaches the replica while the pipeline is busy
-and waits at the generator's BatchGate (serving/batch_gate.py) for the next wave.
+and waits at the generator's BatchGate (serve_app/batch_gate.py) for the next wave.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from serve_app import errors
-from tests.serve.helpers import app_args, deploy_app, wait_finished
+from tests.serve.helpers import app_args, calls, deploy_app, generator_state, wait_finished
 
 pytestmark = pytest.mark.serve
 
@@ -39,36 +39,20 @@ def url(serve_url, lora_root):
     configure(url, lora_root, **DEFAULT_USER_CONFIG)
 
 
-def configure(url: str, lora_root, **user_config) -> dict:
-    """Redeploy with this user_config and wait until the replica reports it; return its stats."""
-    deploy_app(url, app_args(lora_root), generator_options={"user_config": user_config})
-    deadline = time.time() + 30
-    while not all(batch_state()[name] == value for name, value in user_config.items()):
-        assert time.time() < deadline, f"user_config {user_config} not applied: {batch_state()}"
-        time.sleep(0.2)
-    return generator_stats()
-
-
-def generator() -> "DeploymentHandle":  # noqa: F821
-    from ray import serve
-
-    return serve.get_deployment_handle("FluxGenerator", "flux")
-
-
-def generator_stats() -> dict:
-    """The replica's stats (they wait for the pipeline lock: call them when it is idle)."""
-    return generator().stats.remote().result(timeout_s=60)
-
-
-def batch_state() -> dict:
-    return generator().batch_state.remote().result(timeout_s=30)
+def configure(url: str, lora_root, **user_config):
+    """Deploy with this user_config (a redeploy from Python restarts the replica) and return its state."""
+    deploy_app(url, app_args(lora_root), generator={"user_config": user_config})
+    state = generator_state()
+    settings = state.batching.settings
+    assert all(getattr(settings, name) == value for name, value in user_config.items()), settings
+    return state
 
 
 def occupy(url: str) -> str:
     """Start a long call of another shape and return once the pipeline runs it."""
     job = httpx.post(f"{url}/v1/inference", json={"model": "flux", "prompts": [BLOCKER]}, timeout=30).json()
     deadline = time.time() + 30
-    while batch_state()["running_batches"] == 0:
+    while generator_state().batching.running_batches == 0:
         assert time.time() < deadline, "the blocker never started"
         time.sleep(0.01)
     return job["request_id"]
@@ -83,18 +67,13 @@ async def post_all(url: str, path: str, bodies: list[dict]) -> list[httpx.Respon
         return list(await asyncio.gather(*(client.post(path, json=b) for b in bodies)))
 
 
-def calls_of(request_ids) -> list[dict]:
-    wanted = set(request_ids)
-    return [c for c in generator_stats()["calls"] if wanted & set(c["requests"])]
-
-
 def decode(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))).astype(np.int16)
 
 
 
-# Four keys; three of them share the geometry label 64x64x2, so only the generator's own count of
-# ShapeKeys per call (not the label) can show that guidance and LoRA sets are kept apart.
+# Four keys; three of them share the geometry label 64x64x2, so only the engine's own count of
+# BatchKeys per call (not the label) can show that guidance and LoRA sets are kept apart.
 KEYS = {
     "base": {"prompt": {"width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 4.0}},
     "guidance": {"prompt": {"width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 2.5}},
@@ -118,14 +97,14 @@ def test_mixed_load_batches_same_keys_only_and_images_match_alone(url):
     assert [a.status_code for a in answers] == [200] * len(bodies), [a.text for a in answers if a.status_code != 200]
     key_of_request = {a.json()["request_id"]: name for a, name in zip(answers, key_of_body)}
 
-    calls = calls_of(key_of_request)
-    assert sum(c["images"] for c in calls) == 24, calls
-    for call in calls:
+    made = calls(key_of_request)
+    assert sum(c["images"] for c in made) == 24, made
+    for call in made:
         assert call["ok"] and call["keys"] == 1, call
         assert len({key_of_request[r] for r in call["requests"]}) == 1, call  # no call mixes keys
-    assert max(c["images"] for c in calls) > 1, calls
-    assert any(len(c["requests"]) > 1 for c in calls), calls  # batches span requests
-    assert all(c["images"] <= DEFAULT_USER_CONFIG["max_batch_size"] for c in calls), calls
+    assert max(c["images"] for c in made) > 1, made
+    assert any(len(c["requests"]) > 1 for c in made), made  # batches span requests
+    assert all(c["images"] <= DEFAULT_USER_CONFIG["max_batch_size"] for c in made), made
 
     # Each image equals the same item generated alone (one request, one prompt, at low load).
     alone_ids = []
@@ -137,24 +116,37 @@ def test_mixed_load_batches_same_keys_only_and_images_match_alone(url):
                 alone_ids.append(alone.json()["request_id"])
                 diff = np.abs(decode(alone.json()["images"][0]["data"]) - decode(batched["data"]))
                 assert diff.max() <= 1, (prompt, diff.max())
-    assert [c["images"] for c in calls_of(alone_ids)] == [1] * len(alone_ids)
+    assert [c["images"] for c in calls(alone_ids)] == [1] * len(alone_ids)
 
 
-def test_max_batch_size_changes_live_without_a_restart(url, lora_root):
+def test_max_batch_size_of_a_deploy_takes_effect(url, lora_root):
     before = configure(url, lora_root, **DEFAULT_USER_CONFIG)
     after = configure(url, lora_root, max_batch_size=2, batch_wait_timeout_s=0.0)
-    assert after["replica"] == before["replica"]
-    assert (before["max_batch_size"], after["max_batch_size"]) == (4, 2)
+    assert (before.batching.settings.max_batch_size, after.batching.settings.max_batch_size) == (4, 2)
 
     occupy(url)
     prompts = [{"prompt": f"live {i}", "seed": i, "width": 64, "height": 64, "sample_steps": 1} for i in range(10)]
     answers = asyncio.run(post_all(url, "/v1/generate", [request([p]) for p in prompts]))
     assert all(a.status_code == 200 for a in answers)
-    sizes = [c["images"] for c in calls_of(a.json()["request_id"] for a in answers)]
+    sizes = [c["images"] for c in calls(a.json()["request_id"] for a in answers)]
     assert sum(sizes) == 10 and max(sizes) == 2, sizes
+    configure(url, lora_root, **DEFAULT_USER_CONFIG)
 
-    restored = configure(url, lora_root, **DEFAULT_USER_CONFIG)
-    assert restored["replica"] == before["replica"]
+
+def test_an_unknown_user_config_key_fails_the_deploy_with_its_name(url, lora_root):
+    from ray import serve
+
+    from serve_app.app import build_app_with
+
+    try:
+        with pytest.raises(RuntimeError, match="FluxGenerator-flux"):
+            serve.run(build_app_with(app_args(lora_root), {"FluxGenerator-flux": {"user_config": {"max_batch_sise": 8}}}),
+                      name="typo", route_prefix="/typo")
+        # Serve's status of the deployment carries the replica's error: the key by its name.
+        message = serve.status().applications["typo"].deployments["FluxGenerator-flux"].message
+        assert "max_batch_sise" in message and "Extra inputs are not permitted" in message, message
+    finally:
+        serve.delete("typo")
 
 
 FAIL_PROMPTS = [{"prompt": "fine" if i != 2 else "[[fail]] broken", "seed": i, "width": 64, "height": 64,
@@ -172,8 +164,8 @@ def test_a_failing_item_fails_only_its_own_sync_request(url, lora_root):
     assert failing.status_code == 500, failing.text
     assert failing.json()["error"]["code"] == errors.GENERATION_FAILED
 
-    calls = calls_of([good.json()["request_id"]])
-    assert any(not c["ok"] and c["images"] > 2 for c in calls), calls  # it did share the failed call
+    shared = calls([good.json()["request_id"]])
+    assert any(not c["ok"] and c["images"] > 2 for c in shared), shared  # it did share the failed call
     configure(url, lora_root, **DEFAULT_USER_CONFIG)
 
 
@@ -185,7 +177,7 @@ def test_a_failing_item_fails_only_its_own_async_job(url, lora_root):
     good_status = wait_finished(url, good.json()["request_id"])
     assert good_status["status"] == "succeeded", good_status
     assert failing_status["status"] == "failed" and failing_status["error_code"] == errors.GENERATION_FAILED
-    assert any(not c["ok"] and c["images"] > 2 for c in calls_of([good.json()["request_id"]]))
+    assert any(not c["ok"] and c["images"] > 2 for c in calls([good.json()["request_id"]]))
     configure(url, lora_root, **DEFAULT_USER_CONFIG)
 
 
@@ -201,22 +193,22 @@ def test_a_stream_of_distinct_keys_leaves_no_state_behind(url):
             return list(await asyncio.gather(*(one(g) for g in guidances)))
 
     assert set(asyncio.run(stream([1.0 + i / 100 for i in range(20)]))) == {200}
-    warm = generator_stats()
+    warm = generator_state()
     assert set(asyncio.run(stream([3.0 + i / 100 for i in range(200)]))) == {200}
-    after = generator_stats()
+    after = generator_state()
 
-    assert after["asyncio_tasks"] <= warm["asyncio_tasks"] + 2, (warm["asyncio_tasks"], after["asyncio_tasks"])
-    for name in ("cancelled_marks", "set_sources", "gate_waiting", "gate_running"):
-        assert after[name] == 0, (name, after[name])
-    assert len(after["calls"]) <= 1000
-    assert all(c["keys"] == 1 for c in after["calls"])
+    assert after.asyncio_tasks <= warm.asyncio_tasks + 2, (warm.asyncio_tasks, after.asyncio_tasks)
+    state = after.batching
+    assert (state.held_items, state.waiting_items, state.running_batches) == (0, 0, 0), state
+    assert all(c["keys"] == 1 for c in calls())
 
 
 def test_batch_metrics_are_exported_by_shape():
     import ray
 
     port = ray.nodes()[0]["MetricsExportPort"]
-    wanted = [r'ray_flux_batch_size_bucket\{[^}]*shape="64x64x2"', r'ray_flux_images_generated_total\{[^}]*shape="64x64x2"']
+    tags = r'\{(?=[^}]*model="flux")(?=[^}]*shape="64x64x2")'
+    wanted = [r"ray_flux_batch_size_bucket" + tags, r"ray_flux_images_generated_total" + tags]
     deadline = time.time() + 30  # metrics leave a replica every few seconds
     while True:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

@@ -30,15 +30,17 @@ def test_config_validates_against_serve_and_our_args(path):
     schema = ServeDeploySchema.model_validate(config)
     app = schema.applications[0]
     assert app.import_path == "serve_app.app:build_app"
-    AppArgs.model_validate(app.args)
+    args = AppArgs.model_validate(app.args)
+    # Every deployment section names a deployment the app has: a typo would size nothing.
     names = {d.name for d in app.deployments}
-    assert names == {"FluxIngress", "FluxJobs", "FluxGenerator"}
+    assert names == {"FluxIngress", "FluxJobs"} | {model.deployment_name for model in args.models}
+    assert "flux" in {model.id for model in args.models}
 
 
 def test_gpu_config_autoscales_generators_on_gpus():
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy/flux-dev.yaml").read_text()))
     deployments = {d.name: d for d in config.applications[0].deployments}
-    generator = deployments["FluxGenerator"]
+    generator = deployments["FluxGenerator-flux"]
     assert generator.ray_actor_options.num_gpus == 1
     assert generator.autoscaling_config["max_replicas"] > generator.autoscaling_config["min_replicas"]
     assert generator.graceful_shutdown_timeout_s >= 120
@@ -48,8 +50,23 @@ def test_gpu_config_autoscales_generators_on_gpus():
 
 def test_a_wrong_args_field_fails_at_start_with_its_name():
     with pytest.raises(Exception) as info:
-        AppArgs.model_validate({"model": {"source": "tiny"}, "lora": {"root": "x"}})
+        AppArgs.model_validate({"models": [{"source": "tiny"}], "lora": {"root": "x"}})
     assert "lora" in str(info.value)
+    with pytest.raises(Exception) as info:
+        AppArgs.model_validate({"models": [{"id": "flux", "batching": {"max_batch_sise": 2}}]})
+    assert "max_batch_sise" in str(info.value)
+
+
+@pytest.mark.parametrize("models,words", [
+    ([], "at least 1"),
+    ([{"id": "a"}, {"id": "a"}], "unique"),
+    ([{"id": "has#hash"}], "pattern"),
+    ([{"id": "flux", "kind": "sdxl"}], "kind"),
+])
+def test_bad_model_lists_fail_at_start(models, words):
+    with pytest.raises(Exception) as info:
+        AppArgs.model_validate({"models": models})
+    assert words in str(info.value)
 
 
 def test_serve_run_of_local_yaml_answers_the_example_request_then_stops(tmp_path, flux_cache):

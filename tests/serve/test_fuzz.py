@@ -23,10 +23,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from ray import serve
 
 from serve_app.schemas import MAX_SEED
-from tests.serve.helpers import app_args, deploy_app
+from tests.serve.helpers import app_args, deploy_app, generator_state
 
 pytestmark = pytest.mark.serve
 
@@ -72,7 +71,7 @@ def before(url, client):
 
 
 def generator_actor() -> str:
-    return serve.get_deployment_handle("FluxGenerator", "flux").stats.remote().result(timeout_s=60)["actor_name"]
+    return generator_state().actor_name
 
 
 def generate_png(client: httpx.Client) -> np.ndarray:

@@ -11,11 +11,10 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from ray import serve
 
 from serve_app import errors
 from tests.serve import helpers
-from tests.serve.helpers import app_args, deploy_app, generator_stats
+from tests.serve.helpers import app_args, calls, deploy_app, steps_run
 
 pytestmark = pytest.mark.serve
 
@@ -37,7 +36,7 @@ def url(serve_url, lora_root, tmp_path_factory):
     )
     # A batch window, so that two jobs submitted together share a pipeline call.
     options = {"user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.3}}
-    return deploy_app(serve_url, args, generator_options=options)
+    return deploy_app(serve_url, args, generator=options)
 
 
 def request(prompts=None, **extra) -> dict:
@@ -51,10 +50,10 @@ def wait_status(url, request_id, wanted, timeout_s=60) -> dict:
 
 def wait_idle(settle_s: float = 0.5) -> int:
     """Wait until the generator runs no more steps; return its step count."""
-    steps = generator_stats()["steps_run"]
+    steps = steps_run()
     while True:
         time.sleep(settle_s)
-        now = generator_stats()["steps_run"]
+        now = steps_run()
         if now == steps:
             return now
         steps = now
@@ -178,7 +177,7 @@ def test_cancel_of_a_running_lone_job_stops_its_pipeline_early(url):
     before = wait_idle()
     job = httpx.post(f"{url}/v1/inference", json=request([{"prompt": "slow", **LONG}]), headers=AUTH).json()
     wait_status(url, job["request_id"], ("in_progress",))
-    time.sleep(1.0)  # a few steps in (stats() would wait for the call: it takes the pipeline lock)
+    time.sleep(1.0)  # a few steps in
     cancelled = httpx.delete(f"{url}/v1/requests/{job['request_id']}", headers=AUTH).json()
     assert cancelled["status"] == "canceled" and cancelled["error_code"] == errors.CANCELED
     steps = wait_idle() - before
@@ -189,19 +188,26 @@ def test_cancel_of_a_running_lone_job_stops_its_pipeline_early(url):
 
 
 def test_cancelling_one_job_leaves_the_other_job_in_its_call_intact(url):
-    shape = {"width": 256, "height": 256, "sample_steps": 60}
-    wait_idle()
-    calls_before = len(generator_stats()["calls"])
+    shape = {"width": 256, "height": 256, "sample_steps": 100}
+    blocker_steps = 150
+    idle = wait_idle()
+    # A blocker of another shape holds the pipeline, so both jobs wait at the gate and share the next call.
+    blocker = httpx.post(f"{url}/v1/inference", json=request([{"prompt": "blocker", "width": 192, "height": 192,
+                                                               "sample_steps": blocker_steps}]), headers=AUTH).json()
+    wait_status(url, blocker["request_id"], ("in_progress",))
     jobs = [httpx.post(f"{url}/v1/inference", json=request([{"prompt": p, "seed": s, **shape}], output_format="png"),
                        headers=AUTH).json() for p, s in (("keep me", 1), ("drop me", 2))]
     keep, drop = jobs
-    wait_status(url, drop["request_id"], ("in_progress",))
-    time.sleep(0.3)
+    deadline = time.time() + 60
+    while steps_run() < idle + blocker_steps + 5:  # the blocker is done and the shared call a few steps in
+        assert time.time() < deadline, "the shared call never started"
+        time.sleep(0.01)
     httpx.delete(f"{url}/v1/requests/{drop['request_id']}", headers=AUTH)
     assert wait_status(url, keep["request_id"], ("succeeded", "failed"))["status"] == "succeeded"
     assert httpx.get(f"{url}/v1/requests/{drop['request_id']}/status", headers=AUTH).json()["status"] == "canceled"
-    calls = generator_stats()["calls"][calls_before:]
-    assert {"shape": "256x256x60", "images": 2} in [{"shape": c["shape"], "images": c["images"]} for c in calls]
+    shared = calls([keep["request_id"]])
+    assert [(c["shape"], c["images"], c["requests"]) for c in shared] == [
+        ("256x256x100", 2, sorted([keep["request_id"], drop["request_id"]]))]
 
     kept = httpx.get(f"{url}/v1/requests/{keep['request_id']}/images/0", headers=AUTH).content
     alone = httpx.post(f"{url}/v1/generate", json=request([{"prompt": "keep me", "seed": 1, **shape}], output_format="png"),

@@ -33,7 +33,7 @@ from PIL import Image
 from ray import serve
 
 from serve_app import errors
-from tests.serve.helpers import APP_NAME, app_args, deploy_app, generator_stats
+from tests.serve.helpers import APP_NAME, GENERATOR, app_args, deploy_app, generator_state
 
 pytestmark = pytest.mark.serve
 
@@ -49,8 +49,7 @@ def resilience_args(lora_root):
 
 @pytest.fixture(scope="module")
 def faults_url(serve_url, lora_root):
-    return deploy_app(serve_url, resilience_args(lora_root), ingress_options={"num_replicas": 2},
-                      generator_options={"num_replicas": 1})
+    return deploy_app(serve_url, resilience_args(lora_root), ingress={"num_replicas": 2}, generator={"num_replicas": 1})
 
 
 AUTOSCALING = {
@@ -70,7 +69,7 @@ AUTOSCALING = {
 
 @pytest.fixture(scope="module")
 def autoscale_url(serve_url, lora_root):
-    return deploy_app(serve_url, resilience_args(lora_root), generator_options={"autoscaling_config": AUTOSCALING})
+    return deploy_app(serve_url, resilience_args(lora_root), generator={"autoscaling_config": AUTOSCALING})
 
 
 # ---- load clients --------------------------------------------------------------------------------
@@ -117,7 +116,7 @@ class Load:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self._thread.start()
         return self
 
@@ -203,8 +202,7 @@ def wait_for(predicate, timeout_s: float, poll_s: float = 0.25, what: str = "con
 
 
 def active_jobs() -> int:
-    counts = serve.get_deployment_handle("FluxJobs", APP_NAME).counts.remote().result(timeout_s=30)
-    return counts["active_jobs"]
+    return serve.get_deployment_handle("FluxJobs", APP_NAME).counts.remote().result(timeout_s=30).active_jobs
 
 
 def serve_actor(name_part: str, replica_id: str | None = None) -> list[str]:
@@ -245,7 +243,7 @@ def test_16_clients_for_20_s_every_request_answered_none_lost(faults_url):
 
 
 def test_a_generator_replica_killed_under_load_loses_no_request(faults_url):
-    victim = generator_stats()["actor_name"]  # before the load: stats() waits for the pipeline lock
+    victim = generator_state().actor_name
     load = Load(faults_url, sync_clients=6, job_clients=4).start()
     try:
         time.sleep(4)
@@ -257,7 +255,7 @@ def test_a_generator_replica_killed_under_load_loses_no_request(faults_url):
             return min(done) if done else None
 
         first_image = wait_for(served_after_kill, REQUEST_TIMEOUT_S, what="an image of a request sent after the kill")
-        running = wait_for(lambda: replica_states("FluxGenerator") == {"RUNNING": 1} and time.time(), 60,
+        running = wait_for(lambda: replica_states(GENERATOR) == {"RUNNING": 1} and time.time(), 60,
                            what="the replacement replica RUNNING")
         time.sleep(2)
     finally:
@@ -270,7 +268,7 @@ def test_a_generator_replica_killed_under_load_loses_no_request(faults_url):
           f"in {first_image - killed_at:.1f} s, replacement seen RUNNING after {running - killed_at:.1f} s")
     assert set(counts) <= ANSWERED | {"replica_failed"}, counts
     assert sum(in_flight.values()) > 0  # the kill hit requests in flight
-    assert generator_stats()["actor_name"] != victim
+    assert generator_state().actor_name != victim
     assert wait_for(lambda: active_jobs() == 0, 10, what="no job left in progress")
     assert generates(faults_url)
 
@@ -311,13 +309,13 @@ def test_an_ingress_replica_killed_the_other_reports_its_jobs(faults_url):
 
 
 def test_the_generator_scales_out_under_load_and_back_in_when_idle(autoscale_url):
-    assert replica_states("FluxGenerator") == {"RUNNING": 1}
+    assert replica_states(GENERATOR) == {"RUNNING": 1}
     load = Load(autoscale_url, sync_clients=6, job_clients=2).start()
     started = time.time()
     try:
-        decided = wait_for(lambda: sum(replica_states("FluxGenerator").values()) >= 2 and time.time(), 60,
+        decided = wait_for(lambda: sum(replica_states(GENERATOR).values()) >= 2 and time.time(), 60,
                            what="a second replica")
-        up = wait_for(lambda: replica_states("FluxGenerator").get("RUNNING", 0) == 2 and time.time(), 60,
+        up = wait_for(lambda: replica_states(GENERATOR).get("RUNNING", 0) == 2 and time.time(), 60,
                       what="two replicas RUNNING")
         time.sleep(3)  # both serve
     finally:
@@ -325,7 +323,7 @@ def test_the_generator_scales_out_under_load_and_back_in_when_idle(autoscale_url
     idle = time.time()
     trickle = Load(autoscale_url, sync_clients=1).start()  # requests keep coming while a replica drains
     try:
-        down = wait_for(lambda: replica_states("FluxGenerator") == {"RUNNING": 1} and time.time(), 60,
+        down = wait_for(lambda: replica_states(GENERATOR) == {"RUNNING": 1} and time.time(), 60,
                         what="back to one replica")
     finally:
         light = trickle.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from serve_app.serving.batch_gate import BatchGate
+from serve_app.batch_gate import BatchGate
 
 
 def test_an_idle_gate_lets_an_item_pass_at_once():

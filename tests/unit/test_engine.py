@@ -1,6 +1,6 @@
 """The engine against a plain diffusers FluxPipeline called the reference's way (SPEC section 2).
 
-Parity is exact (0 levels, PNG, fp32 CPU) for one item per call; a batch of one ShapeKey gives
+Parity is exact (0 levels, PNG, fp32 CPU) for one item per call; a batch of one BatchKey gives
 each item's own image within 1 level of 8 bits.
 """
 
@@ -17,11 +17,12 @@ from PIL import Image
 
 from serve_app.config import AppArgs, LoraArgs
 from serve_app.engine.adapters import AdapterCache
+from serve_app.engine.base import GenerationInterrupted
 from serve_app.engine.images import encode_image
 from serve_app.engine.lora_sources import LoraSources
-from serve_app.engine.pipeline import AdapterWeight, FluxEngine, GenerationInterrupted
-from serve_app.engine.workitems import build_work_items
+from serve_app.engine.pipeline import FluxEngine
 from serve_app.errors import ApiError
+from serve_app.requests import build_work_items
 from serve_app.schemas import InferenceRequest
 
 STEPS = 3
@@ -133,10 +134,10 @@ def test_items_of_different_keys_never_share_a_call(engine):
 
 def test_a_stop_request_interrupts_the_call_at_a_step(engine):
     item = items_for({"model": "flux", "prompts": [{"prompt": "a", "width": 64, "height": 64, "sample_steps": 20}]})[0]
-    before = engine.steps_run
+    steps: list[tuple[int, int]] = []
     with pytest.raises(GenerationInterrupted):
-        engine.generate([item], should_stop=lambda: engine.steps_run - before >= 2)
-    assert engine.steps_run - before == 2
+        engine.generate([item], should_stop=lambda: len(steps) >= 2, on_step=lambda step, total: steps.append((step, total)))
+    assert steps == [(1, 20), (2, 20)]
 
 
 def test_a_file_matching_no_module_is_refused(engine, tmp_path):

@@ -9,8 +9,9 @@ from pydantic import ValidationError
 
 from serve_app import errors
 from serve_app.config import AppArgs, Limits
-from serve_app.engine.workitems import RANDOM_SEED_BOUND, build_work_items, lora_set_id
+from serve_app.engine.workitems import lora_set_id
 from serve_app.errors import ApiError
+from serve_app.requests import RANDOM_SEED_BOUND, build_work_items
 from serve_app.schemas import InferenceRequest
 
 ARGS = AppArgs()
@@ -150,12 +151,29 @@ def test_random_seed_is_drawn_in_the_reference_range_and_recorded():
     assert len(seeds) > 1
 
 
-def test_multiplier_defaults_to_one_and_is_part_of_the_shape_key():
+def test_multiplier_defaults_to_one_and_is_part_of_the_batch_key():
     a = items_of(request(loras=[{"path": "a.safetensors"}]))[0]
     b = items_of(request(loras=[{"path": "a.safetensors", "network_multiplier": 0.5}]))[0]
     assert a.key.loras[0].multiplier == 1.0
     assert a.key != b.key  # different scales never share a call
     assert a.key.lora_set_id == b.key.lora_set_id  # but share the cached adapter set
+
+
+TWO_MODELS = AppArgs(models=[{"id": "flux"}, {"id": "flux-fast", "default_steps": 8, "default_guidance_scale": 3.0}])
+
+
+def test_each_model_applies_its_own_defaults_and_names_its_items():
+    fast = items_of({**request(), "model": "flux-fast"}, TWO_MODELS)[0]
+    flux = items_of(request(), TWO_MODELS)[0]
+    assert (fast.key.model, fast.key.steps, fast.key.guidance) == ("flux-fast", 8, 3.0)
+    assert (flux.key.model, flux.key.steps, flux.key.guidance) == ("flux", 25, 4.0)
+
+
+def test_an_unknown_model_lists_the_models_served():
+    with pytest.raises(ApiError) as info:
+        items_of({**request(), "model": "sdxl"}, TWO_MODELS)
+    assert info.value.code == errors.MODEL_NOT_FOUND
+    assert info.value.details == {"model": "sdxl", "available": ["flux", "flux-fast"]}
 
 
 def test_lora_set_id_names_the_files_not_their_order():

@@ -10,7 +10,8 @@ ever batch. A longer wait does not help either: it only collects what arrives wi
 So the generator asks the gate before it hands an item to the batch queue:
 - while no batch function runs, items pass at once (a lone request starts immediately, and the
   batch wait, if any, collects the items that arrive in its window);
-- while one runs, arrivals wait; when the last running batch finishes, every waiting item passes
+- while one runs, arrivals wait; when the last running batch finishes with the pipeline (its
+  images may still be encoding: replica.py tells the gate before it encodes), every waiting item passes
   in one event-loop turn, ordered so that items of one key are adjacent (each key in order of its
   first arrival, items in arrival order), so Serve's in-order cut by `max_batch_size` gives
   mostly single-key batches.
@@ -22,7 +23,7 @@ it keeps nothing per key once a wave has passed. Pure asyncio, no Ray: one event
 from __future__ import annotations
 
 import asyncio
-from typing import Hashable
+from collections.abc import Hashable
 
 
 class BatchGate:

@@ -1,0 +1,63 @@
+"""What a generator replica needs from an engine, whatever the model kind: the Engine protocol.
+
+An engine owns one pipeline. It is not thread-safe: the replica calls it from one engine thread
+only, one call at a time. No Ray here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from serve_app.engine.workitems import WorkItem
+
+# Polled after each denoising step: True stops the call (every image in it is unwanted).
+StopCheck = Callable[[], bool]
+# Told after each denoising step: (step done, steps of the call).
+StepCallback = Callable[[int, int], None]
+
+
+class GenerationInterrupted(Exception):
+    """Every item of a call was cancelled or timed out; the call stopped at a step boundary."""
+
+
+@dataclass(frozen=True)
+class AdapterWeight:
+    """A loaded adapter and the weight (the request's network_multiplier) it runs at."""
+
+    name: str
+    weight: float
+
+
+class Engine(Protocol):
+    device: str
+
+    def load_adapter(self, name: str, path: Path) -> int:
+        """Load a LoRA file as adapter `name`; return how many modules it wraps.
+
+        Raises:
+            ApiError: LORA_INCOMPATIBLE when the file does not fit the model.
+        """
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` and free its weights; a no-op if absent."""
+
+    def adapter_names(self) -> set[str]:
+        """The adapters loaded now."""
+
+    def generate(
+        self,
+        items: Sequence[WorkItem],
+        adapters: Sequence[AdapterWeight] = (),
+        should_stop: StopCheck | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """One pipeline call for items of one BatchKey: one image per item, in order.
+
+        Raises:
+            GenerationInterrupted: `should_stop` returned True.
+        """

@@ -1,0 +1,22 @@
+"""build_engine: the engine of a configured model, by its kind (or a test's engine class)."""
+
+from __future__ import annotations
+
+import importlib
+
+from serve_app.config import ModelArgs
+from serve_app.engine.base import Engine
+
+
+def build_engine(model: ModelArgs) -> Engine:
+    """Load the engine that serves `model`.
+
+    `model.engine` (tests only) names a class built in place of the kind's engine through its
+    `from_args(model)`; tests use it to wrap the real engine with fault injection and call records.
+    """
+    if model.engine is not None:
+        module_name, _, attribute = model.engine.partition(":")
+        return getattr(importlib.import_module(module_name), attribute).from_args(model)
+    from serve_app.engine.pipeline import FluxEngine
+
+    return FluxEngine.from_args(model)

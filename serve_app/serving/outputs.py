@@ -1,0 +1,44 @@
+"""Turning work-item results into the API's output models, and the URLs the API hands out."""
+
+from __future__ import annotations
+
+import base64
+
+from serve_app.engine.workitems import ItemResult
+from serve_app.schemas import ImageOutput, InlineImage, ResultMetadata
+
+
+class Links:
+    """Status, result and image URLs: absolute under `base_url` when the args set one, else paths."""
+
+    def __init__(self, base_url: str | None):
+        self._base = base_url or ""
+
+    def status(self, request_id: str) -> str:
+        return f"{self._base}/v1/requests/{request_id}/status"
+
+    def result(self, request_id: str) -> str:
+        return f"{self._base}/v1/requests/{request_id}/result"
+
+    def image(self, request_id: str, index: int) -> str:
+        return f"{self._base}/v1/requests/{request_id}/images/{index}"
+
+
+def _image_fields(result: ItemResult) -> dict:
+    return {"index": result.index, "format": result.format, "width": result.width, "height": result.height,
+            "seed": result.seed}
+
+
+def image_output(result: ItemResult, links: Links) -> ImageOutput:
+    return ImageOutput(**_image_fields(result), url=links.image(result.request_id, result.index))
+
+
+def inline_image(result: ItemResult) -> InlineImage:
+    return InlineImage(**_image_fields(result), data=base64.b64encode(result.data).decode())
+
+
+def with_matched_modules(metadata: ResultMetadata, result: ItemResult) -> ResultMetadata:
+    """The request's LoRAs, each with how many model modules its file matched (all items share them)."""
+    loras = [lora.model_copy(update={"matched_modules": matched})
+             for lora, (_, matched) in zip(metadata.loras, result.lora_modules)]
+    return metadata.model_copy(update={"loras": loras})
