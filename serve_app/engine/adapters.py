@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from serve_app.engine.lora_sources import LoraSources
 from serve_app.engine.pipeline import AdapterWeight, FluxEngine
+from serve_app.engine.source_errors import display_source
 from serve_app.engine.workitems import LoraUse
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class LoraSet:
     """
 
     sources: tuple[str, ...]
-    _release: Callable[["LoraSet"], None] | None = field(default=None, repr=False)
+    _release: Callable[[LoraSet], None] | None = field(default=None, repr=False)
 
     def release(self) -> None:
         release, self._release = self._release, None
@@ -70,13 +71,24 @@ class AdapterCache:
         self._loaded: dict[str, _Loaded] = {}
         self.loads = 0  # files loaded since start: a multiplier change must not add one
 
-    def acquire(self, sources: Sequence[str]) -> LoraSet:
-        """Load what is missing of a set's files and hold each of them for the set."""
+    def acquire(
+        self, sources: Sequence[str], tokens: Mapping[str, str] | None = None, deadline: float | None = None
+    ) -> LoraSet:
+        """Load what is missing of a set's files and hold each of them for the set.
+
+        Args:
+            sources: canonical sources of the set.
+            tokens: a request's own hf_token per hf:// source, for a file that must still be read.
+            deadline: `time.time()` by which a file evicted from the download cache must be back.
+
+        Raises:
+            ApiError: a coded 4xx of the first file that cannot be read or loaded; none stays held.
+        """
         unique = tuple(sorted(set(sources)))
         taken: list[str] = []
         try:
             for source in unique:
-                self._hold(source)
+                self._hold(source, (tokens or {}).get(source), deadline)
                 taken.append(source)
         except BaseException:
             for source in taken:
@@ -94,21 +106,21 @@ class AdapterCache:
     def loaded_sources(self) -> list[str]:
         return sorted(self._loaded)
 
-    def _hold(self, source: str) -> None:
+    def _hold(self, source: str, token: str | None, deadline: float | None) -> None:
         entry = self._loaded.get(source)
         if entry is None:
-            entry = self._load(source)
+            entry = self._load(source, token, deadline)
             self._loaded[source] = entry
         entry.refs += 1
 
-    def _load(self, source: str) -> _Loaded:
+    def _load(self, source: str, token: str | None, deadline: float | None) -> _Loaded:
         start = time.perf_counter()
-        path = self.sources.local_file(source)
+        lora = self.sources.read(source, token, deadline)  # the bytes, held: eviction can no longer touch them
         name = adapter_name(source)
-        matched = self.engine.load_adapter(name, path)
+        matched = self.engine.load_adapter(name, lora)
         self.loads += 1
         seconds = time.perf_counter() - start
-        logger.info("loaded LoRA %s as %s (%d modules) in %.3f s", source, name, matched, seconds)
+        logger.info("loaded LoRA %s as %s (%d modules) in %.3f s", display_source(source), name, matched, seconds)
         if self.on_load is not None:
             self.on_load(seconds)
         return _Loaded(name=name, matched_modules=matched)
@@ -121,7 +133,7 @@ class AdapterCache:
         if entry.refs <= 0:
             del self._loaded[source]
             self.engine.delete_adapter(entry.name)
-            logger.info("unloaded LoRA %s (%s)", source, entry.name)
+            logger.info("unloaded LoRA %s (%s)", display_source(source), entry.name)
 
     def _release_set(self, lora_set: LoraSet) -> None:
         for source in lora_set.sources:
