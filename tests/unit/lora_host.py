@@ -8,6 +8,7 @@ Only loopback addresses are ever used.
 from __future__ import annotations
 
 import http.server
+import ssl
 import threading
 import time
 from collections import Counter
@@ -37,8 +38,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass
         self.close_connection = True
 
-    def send(self, status: int, body: bytes = b"", ctype: str = "application/octet-stream", length: bool = True,
-             **headers: str) -> None:
+    def send(
+        self,
+        status: int,
+        body: bytes = b"",
+        ctype: str = "application/octet-stream",
+        length: bool = True,
+        **headers: str,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         if length:
@@ -59,9 +66,15 @@ class _Server(http.server.ThreadingHTTPServer):
 class LoraHost:
     """A scripted HTTP server (see module docstring); `close()` when done."""
 
-    def __init__(self):
+    def __init__(self, tls: tuple[str, str] | None = None):
         self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.host = self
+        self.scheme = "http"
+        if tls is not None:  # (certificate file, key file): serve https
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.routes: dict[str, Answer] = {}
         self.counts: Counter = Counter()
         self.headers: dict[str, dict[str, str]] = {}
@@ -76,7 +89,7 @@ class LoraHost:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def route(self, path: str, answer: Answer) -> str:
         """Script `path`; returns its URL."""

@@ -72,7 +72,9 @@ def test_downloads_in_flight_count_against_the_cap(tmp_path, host):
     assert peak[0] <= cap, (peak[0], cap)
     assert 1 <= len(outcomes) - len(refused) <= 2 and refused, outcomes
     assert all(o.code == "LORA_DOWNLOAD_FAILED" and "no room" in o.message for o in refused)
-    assert disk_bytes(tmp_path / "cache") <= cap and all(name.endswith(".safetensors") for name in cache_files(tmp_path))
+    assert disk_bytes(tmp_path / "cache") <= cap and all(
+        name.endswith(".safetensors") for name in cache_files(tmp_path)
+    )
 
 
 EVICTOR = r"""
@@ -102,8 +104,12 @@ def test_a_file_evicted_by_another_process_is_never_a_failed_load(tmp_path, host
     src = make(tmp_path, cache_max_bytes=10 * len(body))
     src.fetch(url)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    evictor = subprocess.Popen([sys.executable, "-c", EVICTOR, str(tmp_path / "cache"), host.base, str(len(body)),
-                                "4"], env=env, stdout=subprocess.PIPE, text=True)
+    evictor = subprocess.Popen(
+        [sys.executable, "-c", EVICTOR, str(tmp_path / "cache"), host.base, str(len(body)), "4"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     reads = 0
     try:
         while host.counts["/other.safetensors"] == 0 and evictor.poll() is None:

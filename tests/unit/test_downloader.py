@@ -122,7 +122,10 @@ def test_failure_memory_expires_and_stays_bounded():
     memory.remember("a", error)
     recalled = memory.recall("a")
     assert recalled is not error and (recalled.code, recalled.message, recalled.details) == (
-        error.code, error.message, error.details)
+        error.code,
+        error.message,
+        error.details,
+    )
     for key in "bcd":
         memory.remember(key, error)
     assert len(memory) == 3 and memory.recall("a") is None  # the oldest went first

@@ -82,14 +82,25 @@ def hub_sources(tmp_path, hub: Hub, **overrides):
 # ---- parsing ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("source, canonical, revision, path", [
-    ("hf://alice/lora/x.safetensors", "hf://alice/lora/x.safetensors", None, "x.safetensors"),
-    ("HF://alice/lora@v1/sub/y.safetensors", "hf://alice/lora@v1/sub/y.safetensors", "v1", "sub/y.safetensors"),
-    ("hf://alice/lora@refs%2Fpr%2F1/x.safetensors", "hf://alice/lora@refs%2Fpr%2F1/x.safetensors", "refs/pr/1",
-     "x.safetensors"),
-    ("hf://Alice-1/my.lora_v2@" + "c" * 40 + "/a%20b/é.safetensors",
-     "hf://Alice-1/my.lora_v2@" + "c" * 40 + "/a b/é.safetensors", "c" * 40, "a b/é.safetensors"),
-])
+@pytest.mark.parametrize(
+    "source, canonical, revision, path",
+    [
+        ("hf://alice/lora/x.safetensors", "hf://alice/lora/x.safetensors", None, "x.safetensors"),
+        ("HF://alice/lora@v1/sub/y.safetensors", "hf://alice/lora@v1/sub/y.safetensors", "v1", "sub/y.safetensors"),
+        (
+            "hf://alice/lora@refs%2Fpr%2F1/x.safetensors",
+            "hf://alice/lora@refs%2Fpr%2F1/x.safetensors",
+            "refs/pr/1",
+            "x.safetensors",
+        ),
+        (
+            "hf://Alice-1/my.lora_v2@" + "c" * 40 + "/a%20b/é.safetensors",
+            "hf://Alice-1/my.lora_v2@" + "c" * 40 + "/a b/é.safetensors",
+            "c" * 40,
+            "a b/é.safetensors",
+        ),
+    ],
+)
 def test_valid_sources_parse_to_one_canonical_spelling(tmp_path, source, canonical, revision, path):
     parsed = parse_hf(source)
     assert (parsed.source, parsed.revision, parsed.path) == (canonical, revision, path)
@@ -97,18 +108,39 @@ def test_valid_sources_parse_to_one_canonical_spelling(tmp_path, source, canonic
 
 
 REFUSED = [
-    "hf://alice/x.safetensors", "hf://alice/lora/", "hf:///lora/x.safetensors", "hf://alice//x.safetensors",
-    "hf://../lora/x.safetensors", "hf://%2e%2e/lora/x.safetensors", "hf://alice/%2E%2E/x.safetensors",
-    "hf://alice/lora/../x.safetensors", "hf://alice/lora/..%2Fx.safetensors", "hf://alice/lora/a/%2e%2e/x.safetensors",
-    "hf://alice/lora/%252e%252e/x.safetensors", "hf://alice/lora/%2Fetc%2Fx.safetensors",
-    "hf://alice/lora/a%00b.safetensors", "hf://alice/lora/a%0Ab.safetensors", "hf://alice/lora/%ff.safetensors",
-    "hf://alice/lora/a\\b.safetensors", "hf://alice/lora/~root.safetensors", "hf://alice/lora/.x.safetensors",
-    "hf://alice/lora@../x.safetensors", "hf://alice/lora@..%2F..%2Fetc/x.safetensors",
-    "hf://alice/lora@%2Fetc%2Fpasswd/x.safetensors", "hf://alice/lora@/x.safetensors",
-    "hf://alice/lora@main%2F..%2F..%2Fx/x.safetensors", "hf://alice/lora@%252Fetc/x.safetensors",
-    "hf://alice/lora@.hidden/x.safetensors", "hf://alice/lora@a b/x.safetensors", "hf://al--ice/lora/x.safetensors",
-    "hf://alice/lora.git/x.safetensors", "hf://alice/-lora/x.safetensors", "hf://alice/lora/x.bin",
-    "hf://alice/lora?x=1/x.safetensors", "hf://alice@v1/lora/x.safetensors", "hf://a/" + "b" * 97 + "/x.safetensors",
+    "hf://alice/x.safetensors",
+    "hf://alice/lora/",
+    "hf:///lora/x.safetensors",
+    "hf://alice//x.safetensors",
+    "hf://../lora/x.safetensors",
+    "hf://%2e%2e/lora/x.safetensors",
+    "hf://alice/%2E%2E/x.safetensors",
+    "hf://alice/lora/../x.safetensors",
+    "hf://alice/lora/..%2Fx.safetensors",
+    "hf://alice/lora/a/%2e%2e/x.safetensors",
+    "hf://alice/lora/%252e%252e/x.safetensors",
+    "hf://alice/lora/%2Fetc%2Fx.safetensors",
+    "hf://alice/lora/a%00b.safetensors",
+    "hf://alice/lora/a%0Ab.safetensors",
+    "hf://alice/lora/%ff.safetensors",
+    "hf://alice/lora/a\\b.safetensors",
+    "hf://alice/lora/~root.safetensors",
+    "hf://alice/lora/.x.safetensors",
+    "hf://alice/lora@../x.safetensors",
+    "hf://alice/lora@..%2F..%2Fetc/x.safetensors",
+    "hf://alice/lora@%2Fetc%2Fpasswd/x.safetensors",
+    "hf://alice/lora@/x.safetensors",
+    "hf://alice/lora@main%2F..%2F..%2Fx/x.safetensors",
+    "hf://alice/lora@%252Fetc/x.safetensors",
+    "hf://alice/lora@.hidden/x.safetensors",
+    "hf://alice/lora@a b/x.safetensors",
+    "hf://al--ice/lora/x.safetensors",
+    "hf://alice/lora.git/x.safetensors",
+    "hf://alice/-lora/x.safetensors",
+    "hf://alice/lora/x.bin",
+    "hf://alice/lora?x=1/x.safetensors",
+    "hf://alice@v1/lora/x.safetensors",
+    "hf://a/" + "b" * 97 + "/x.safetensors",
 ]
 
 
@@ -154,14 +186,22 @@ def test_a_revision_or_path_that_decodes_to_a_local_file_reads_nothing(tmp_path,
     cache = tmp_path / "cache"
     refs = cache / "hf" / "models--alice--lora" / "refs"  # where huggingface_hub looked for the revision
     rel = os.path.relpath(big, refs)
-    sources = [f"hf://alice/lora@{quote(rel, safe='')}/x.safetensors",
-               f"hf://alice/lora@{quote(str(big), safe='')}/x.safetensors",
-               f"hf://alice/lora@{quote(quote(rel, safe=''), safe='')}/x.safetensors",
-               f"hf://alice/lora/{quote(rel, safe='')}.safetensors",
-               f"hf://alice/lora/{quote(str(big), safe='')}.safetensors"]
+    sources = [
+        f"hf://alice/lora@{quote(rel, safe='')}/x.safetensors",
+        f"hf://alice/lora@{quote(str(big), safe='')}/x.safetensors",
+        f"hf://alice/lora@{quote(quote(rel, safe=''), safe='')}/x.safetensors",
+        f"hf://alice/lora/{quote(rel, safe='')}.safetensors",
+        f"hf://alice/lora/{quote(str(big), safe='')}.safetensors",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_ENDPOINT": hub.hub.base, "HF_HUB_OFFLINE": "0"}
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "root"), str(cache), json.dumps(sources)],
-                         capture_output=True, text=True, env=env, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(tmp_path / "root"), str(cache), json.dumps(sources)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
     measured = json.loads(out.stdout)
     assert all(code in ("LORA_SOURCE_FORBIDDEN", "LORA_INVALID") for code, _ in measured["answers"]), measured
     assert measured["read"] < 4 * 2**20, measured  # bytes read by this process: not the file's 300 MiB
@@ -175,8 +215,10 @@ def test_a_revision_or_path_that_decodes_to_a_local_file_reads_nothing(tmp_path,
 
 def test_download_then_cache_hit_through_the_hub_and_its_cdn(tmp_path, hub):
     src = hub_sources(tmp_path, hub)
-    for source, body in (("hf://alice/lora/x.safetensors", hub.small),
-                         ("hf://alice/lora@refs%2Fpr%2F1/sub/large.safetensors", hub.large)):
+    for source, body in (
+        ("hf://alice/lora/x.safetensors", hub.small),
+        ("hf://alice/lora@refs%2Fpr%2F1/sub/large.safetensors", hub.large),
+    ):
         assert not src.fetch(source).cached
         before = hub.requests()
         lora = src.read(source)

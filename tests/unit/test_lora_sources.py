@@ -51,9 +51,15 @@ def good(tmp_path) -> bytes:
 
 
 def make(tmp_path: Path, **overrides) -> LoraSources:
-    fields = dict(root=str(tmp_path / "root"), cache_dir=str(tmp_path / "cache"), max_file_bytes=MAX_FILE,
-                  allowed_hosts=["127.0.0.1", ".example.com", "huggingface.co"], allow_private_addresses=True,
-                  download_timeout_s=TIMEOUT_S, download_retries=2)
+    fields = {
+        "root": str(tmp_path / "root"),
+        "cache_dir": str(tmp_path / "cache"),
+        "max_file_bytes": MAX_FILE,
+        "allowed_hosts": ["127.0.0.1", ".example.com", "huggingface.co"],
+        "allow_private_addresses": True,
+        "download_timeout_s": TIMEOUT_S,
+        "download_retries": 2,
+    }
     fields.update(overrides)
     (tmp_path / "root").mkdir(parents=True, exist_ok=True)
     return LoraSources(LoraArgs(**fields))
@@ -89,18 +95,41 @@ def test_root_paths_canonical_and_read(tmp_path, good):
     assert src.fetch("demo/demo_lora.safetensors").cached
 
 
-@pytest.mark.parametrize("path", ["../x.safetensors", "a/../../x.safetensors", "a/../b.safetensors",
-                                  "/etc/passwd", "..\\x.safetensors", "a\\b.safetensors", "x\x00.safetensors",
-                                  "x\n.safetensors", "file:///etc/passwd", "ftp://127.0.0.1/x.safetensors",
-                                  "s3://b/x.safetensors", "C:/x.safetensors", "a" * 5000 + ".safetensors"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../x.safetensors",
+        "a/../../x.safetensors",
+        "a/../b.safetensors",
+        "/etc/passwd",
+        "..\\x.safetensors",
+        "a\\b.safetensors",
+        "x\x00.safetensors",
+        "x\n.safetensors",
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/x.safetensors",
+        "s3://b/x.safetensors",
+        "C:/x.safetensors",
+        "a" * 5000 + ".safetensors",
+    ],
+)
 def test_forbidden_paths(tmp_path, path):
     raises("LORA_SOURCE_FORBIDDEN", make(tmp_path).canonical, path)
 
 
-@pytest.mark.parametrize("path", ["%2e%2e/outside.safetensors", "..%2Foutside.safetensors",
-                                  "%252e%252e/outside.safetensors", "．．/outside.safetensors",
-                                  "..%c0%afoutside.safetensors", "%2fetc%2fpasswd.safetensors",
-                                  "root/../outside.safetensors", "~/outside.safetensors"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "%2e%2e/outside.safetensors",
+        "..%2Foutside.safetensors",
+        "%252e%252e/outside.safetensors",
+        "．．/outside.safetensors",
+        "..%c0%afoutside.safetensors",
+        "%2fetc%2fpasswd.safetensors",
+        "root/../outside.safetensors",
+        "~/outside.safetensors",
+    ],
+)
 def test_encoded_root_paths_never_leave_the_root(tmp_path, good, path):
     """No decoding happens on root-relative paths: an encoded '..' is a (missing) name under the root."""
     (tmp_path / "outside.safetensors").write_bytes(good)
@@ -200,7 +229,7 @@ def test_broken_files_are_invalid_and_named_by_their_source(tmp_path):
         "not a safetensors": os.urandom(256),
         "truncated": good[:-10],
         "truncated ": good[:5],
-        "holds no tensors": (lambda h: struct.pack("<Q", len(h)) + h)(b'{"__metadata__": {"a": "b"}}'),
+        "holds no tensors": struct.pack("<Q", 28) + b'{"__metadata__": {"a": "b"}}',
         "not JSON": struct.pack("<Q", 4) + b"\xff{{{",
         "larger than": good + b"\0" * MAX_FILE,
     }
@@ -222,15 +251,35 @@ def test_url_policy_and_rewrite(tmp_path):
     assert src.canonical("http://127.0.0.1:9/a?x=1") == "http://127.0.0.1:9/a?x=1"
     assert src.canonical("http://127.0.0.1:9/a b/é.safetensors") == "http://127.0.0.1:9/a%20b/%C3%A9.safetensors"
     assert "/tree/" in raises("LORA_SOURCE_FORBIDDEN", src.canonical, "https://huggingface.co/o/r/tree/main").message
-    for url in ("https://evil.com/x.safetensors", "https://example.com.evil.com/x", "http://u:p@127.0.0.1/x",
-                "http://127.0.0.1:0/x", "http://127.0.0.1:99999/x", "http://[::1/x", "http:///x", "gopher://x/"):
+    for url in (
+        "https://evil.com/x.safetensors",
+        "https://example.com.evil.com/x",
+        "http://u:p@127.0.0.1/x",
+        "http://127.0.0.1:0/x",
+        "http://127.0.0.1:99999/x",
+        "http://[::1/x",
+        "http:///x",
+        "gopher://x/",
+    ):
         raises("LORA_SOURCE_FORBIDDEN", src.canonical, url)
     raises("LORA_SOURCE_FORBIDDEN", make(tmp_path, allowed_hosts=["127.0.0.1:1"]).canonical, "http://127.0.0.1:2/x")
     raises("LORA_SOURCE_FORBIDDEN", src.fetch, "https://evil.com/x.safetensors")  # fetch checks too
 
 
-@pytest.mark.parametrize("spelling", ["2130706433", "127.0.0.1.", "localhost", "0x7f.0.0.1", "127.1", "0177.0.0.1",
-                                      "[::ffff:127.0.0.1]", "[::1]", "127.0.0.01"])
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "2130706433",
+        "127.0.0.1.",
+        "localhost",
+        "0x7f.0.0.1",
+        "127.1",
+        "0177.0.0.1",
+        "[::ffff:127.0.0.1]",
+        "[::1]",
+        "127.0.0.01",
+    ],
+)
 def test_an_ip_port_entry_allows_no_other_spelling_of_it(tmp_path, host, good, spelling):
     host.file("/x.safetensors", good)
     src = make(tmp_path, allowed_hosts=[f"127.0.0.1:{host.port}"])
@@ -243,14 +292,17 @@ def test_an_ip_port_entry_allows_no_other_spelling_of_it(tmp_path, host, good, s
 
 def test_private_addresses_need_the_switch(tmp_path, host, good):
     host.file("/x.safetensors", good)
-    for entry, url in ((f"127.0.0.1:{host.port}", f"{host.base}/x.safetensors"),
-                       (f"localhost:{host.port}", f"http://localhost:{host.port}/x.safetensors")):
+    for entry, url in (
+        (f"127.0.0.1:{host.port}", f"{host.base}/x.safetensors"),
+        (f"localhost:{host.port}", f"http://localhost:{host.port}/x.safetensors"),
+    ):
         closed = make(tmp_path, allowed_hosts=[entry], allow_private_addresses=False)
         err = raises("LORA_SOURCE_FORBIDDEN", closed.fetch, url)
         assert "private" in err.message and "127.0.0.1" not in err.message.replace(url, "")
         assert host.counts["/x.safetensors"] == 0
     assert make(tmp_path, allowed_hosts=[f"localhost:{host.port}"]).fetch(
-        f"http://localhost:{host.port}/x.safetensors").bytes_downloaded == len(good)
+        f"http://localhost:{host.port}/x.safetensors"
+    ).bytes_downloaded == len(good)
 
 
 def test_download_once_then_cache_hit(tmp_path, host, good):
@@ -272,16 +324,27 @@ def test_same_host_redirect_and_retry_after_500(tmp_path, host, good):
     assert host.counts["/flaky"] == 2
 
 
-@pytest.mark.parametrize("path, answer, code, reason", [
-    ("/missing", lambda h: h.send(404, b"nope", "text/plain"), "LORA_DOWNLOAD_FAILED", "HTTP 404"),
-    ("/page", lambda h: h.send(200, b"<html>a model page</html>", "text/html; charset=utf-8"),
-     "LORA_DOWNLOAD_FAILED", "HTML"),
-    ("/page-octet", lambda h: h.send(200, b"\n<!DOCTYPE html><html></html>"), "LORA_DOWNLOAD_FAILED", "HTML"),
-    ("/big", lambda h: h.send(200, b"x" * (MAX_FILE + 1)), "LORA_DOWNLOAD_FAILED", f"larger than {MAX_FILE} bytes"),
-    ("/big-stream", stream_without_length(b"{" * 1024, MAX_FILE // 1024 + 8), "LORA_DOWNLOAD_FAILED",
-     f"larger than {MAX_FILE} bytes"),
-    ("/corrupt", lambda h: h.send(200, os.urandom(4096)), "LORA_INVALID", "not a safetensors file"),
-])
+@pytest.mark.parametrize(
+    "path, answer, code, reason",
+    [
+        ("/missing", lambda h: h.send(404, b"nope", "text/plain"), "LORA_DOWNLOAD_FAILED", "HTTP 404"),
+        (
+            "/page",
+            lambda h: h.send(200, b"<html>a model page</html>", "text/html; charset=utf-8"),
+            "LORA_DOWNLOAD_FAILED",
+            "HTML",
+        ),
+        ("/page-octet", lambda h: h.send(200, b"\n<!DOCTYPE html><html></html>"), "LORA_DOWNLOAD_FAILED", "HTML"),
+        ("/big", lambda h: h.send(200, b"x" * (MAX_FILE + 1)), "LORA_DOWNLOAD_FAILED", f"larger than {MAX_FILE} bytes"),
+        (
+            "/big-stream",
+            stream_without_length(b"{" * 1024, MAX_FILE // 1024 + 8),
+            "LORA_DOWNLOAD_FAILED",
+            f"larger than {MAX_FILE} bytes",
+        ),
+        ("/corrupt", lambda h: h.send(200, os.urandom(4096)), "LORA_INVALID", "not a safetensors file"),
+    ],
+)
 def test_download_failures_not_retried(tmp_path, host, path, answer, code, reason):
     src = make(tmp_path)
     url = host.route(path, answer)
@@ -329,8 +392,9 @@ def test_lru_eviction(tmp_path, host, good):
     os.utime(src.cache.path(cache_key(b)), (time.time() - 50,) * 2)
     assert src.fetch(a).cached  # a hit: a becomes the most recently used
     src.fetch(f"{host.base}/good-lru?c")
-    assert cache_files(tmp_path) == sorted(cache_key(u) + ".safetensors" for u in (a, src.canonical(
-        f"{host.base}/good-lru?c")))
+    assert cache_files(tmp_path) == sorted(
+        cache_key(u) + ".safetensors" for u in (a, src.canonical(f"{host.base}/good-lru?c"))
+    )
     assert src.cache.evictions == 1
 
 
@@ -360,8 +424,12 @@ def test_html_sniffing_spares_safetensors_starting_with_lt():
 def test_messages_carry_no_server_path_pid_or_traceback(tmp_path, host, good):
     src = make(tmp_path, cache_max_bytes=len(good) - 1)
     (tmp_path / "root" / "bad.safetensors").write_bytes(b"\x93" * 50)
-    cases = [("bad.safetensors",), (host.file("/x.safetensors", good),), ("missing.safetensors",),
-             (host.route("/garbage", lambda h: h.wfile.write(b"NOT HTTP\r\n\r\n")),)]
+    cases = [
+        ("bad.safetensors",),
+        (host.file("/x.safetensors", good),),
+        ("missing.safetensors",),
+        (host.route("/garbage", lambda h: h.wfile.write(b"NOT HTTP\r\n\r\n")),),
+    ]
     for args in cases:
         with pytest.raises(ApiError) as info:
             src.read(*args)
