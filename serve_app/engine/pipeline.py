@@ -134,7 +134,7 @@ class FluxEngine:
             self.delete_adapter(name)
             raise ApiError(
                 errors.LORA_INCOMPATIBLE,
-                f"LoRA {shown!r}: none of its keys matches a module of this model",
+                f"LoRA {shown!r} does not fit this model: none of its keys matches a module of it",
                 {"path": shown, "matched_modules": 0},
             )
         return matched

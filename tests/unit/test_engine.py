@@ -149,6 +149,7 @@ def test_a_file_matching_no_module_is_refused(engine, tmp_path):
     with pytest.raises(ApiError) as info:
         engine.load_adapter("wrong", lora)
     assert info.value.code == "LORA_INCOMPATIBLE" and "wrong.safetensors" in info.value.message
+    assert "does not fit this model" in info.value.message
     assert str(tmp_path) not in info.value.message
     assert "wrong" not in engine.adapter_names()
 
