@@ -56,7 +56,9 @@ class SetLru:
         if len(self.sets) >= self.size:
             _, evicted = self.sets.popitem(last=False)
             evicted.release()
-        self.sets[sources] = self.adapters.acquire(sources)
+        from serve_app.engine.workitems import LoraUse
+
+        self.sets[sources] = self.adapters.acquire([LoraUse(source, 1.0) for source in sources])
         return self.sets[sources]
 
 

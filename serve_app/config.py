@@ -7,6 +7,7 @@ instead of being ignored. Defaults live only here.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,6 +30,8 @@ GENERATOR_PREFIX = "FluxGenerator-"
 ModelId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 # `module.path:attribute`
 ImportPath = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
+# An allowed_hosts entry: `.domain`, `name`, `name:port`, `IPv4[:port]`, `[IPv6][:port]` or a bare IPv6.
+_HOST_ENTRY = re.compile(r"^(\.?[a-z0-9_][a-z0-9_.-]*(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?|[0-9a-f]*:[0-9a-f:.]+)$")
 
 
 class StrictModel(BaseModel):
@@ -115,15 +118,38 @@ class LoraArgs(StrictModel):
     cache_dir: str = Field(".flux-serve/lora-cache", description="Disk cache of downloaded LoRA files")
     cache_max_bytes: PositiveInt = Field(20 * 2**30, description="Size cap of the download cache (LRU)")
     max_file_bytes: PositiveInt = Field(2 * 2**30, description="Largest LoRA file accepted")
+    # Hugging Face's /resolve/ links redirect to subdomains of huggingface.co and hf.co (the CDN,
+    # cas-bridge.xethub.hf.co): every redirect hop must be allowed too, so the defaults hold those.
     allowed_hosts: list[str] = Field(
-        default_factory=lambda: ["huggingface.co", "civitai.com"],
-        description="Hosts http(s):// LoRA URLs may name; a leading `.` allows subdomains",
+        default_factory=lambda: ["huggingface.co", ".huggingface.co", ".hf.co", "civitai.com"],
+        description="Hosts http(s):// LoRA URLs and each of their redirects may reach, exactly as spelled: "
+        "`name` or `IP` (any port), `name:port` or `IP:port` (that port only), `.domain` (it and its subdomains)",
     )
-    download_timeout_s: PositiveFloat = 60.0
+    allow_private_addresses: bool = Field(
+        False, description="Allow downloads from loopback, private and link-local addresses (tests, closed networks)"
+    )
+    download_timeout_s: PositiveFloat = Field(
+        60.0,
+        description="Longest wait for a connection or the next bytes; a whole download may take about "
+        "this × download_retries plus backoff, however slowly the bytes come",
+    )
     download_retries: int = Field(3, ge=1, description="Attempts per download, with backoff")
+    download_workers: PositiveInt = Field(4, description="Downloads one process runs at once, on threads of its own")
+    failure_ttl_s: float = Field(60.0, ge=60.0, description="Seconds a failed source is answered from memory")
+    hf_token_repos: list[str] = Field(
+        default_factory=list,
+        description="Repos (`owner/name`, or `owner/*`) that may use the server's own HF_TOKEN; none by default",
+    )
     hf_enabled: bool = Field(True, description="Allow hf://owner/repo/file sources")
     max_adapters_per_replica: PositiveInt = Field(8, description="LoRA sets each generator replica keeps loaded (LRU)")
     write_demo: bool = Field(False, description="Write the demo LoRA for the built-in small model on start")
+
+    @model_validator(mode="after")
+    def _allowed_hosts_are_well_formed(self) -> LoraArgs:
+        bad = [entry for entry in self.allowed_hosts if not _HOST_ENTRY.match(entry.strip().lower())]
+        if bad:
+            raise ValueError(f"loras.allowed_hosts: not a host, host:port or .domain entry: {bad}")
+        return self
 
 
 class JobArgs(StrictModel):

@@ -16,7 +16,9 @@ A batch, as `run_batch` runs it:
 3. the pipeline lock is released and the gate lets the next wave in before the images are
    encoded (on a worker thread): the pipeline never waits for PNG or JPEG encoding.
 
-Downloads of LoRA files (`prefetch`) run on a pool of their own, never on the engine thread.
+Downloads of LoRA files (`prefetch`) run on the Downloader's pool of their own, never on the
+engine thread. A request's own hf_token comes with its items (never in them) and stays in this
+replica's memory only, for the read of the file it fetched.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,17 +41,18 @@ from serve_app.config import BatchSettings
 from serve_app.engine.adapters import AdapterCache, LoraSet
 from serve_app.engine.base import Engine, GenerationInterrupted
 from serve_app.engine.batching import plan_calls
+from serve_app.engine.downloader import Downloader
 from serve_app.engine.images import encode_image
-from serve_app.engine.lora_sources import LoraSources
-from serve_app.engine.workitems import BatchKey, ItemResult, WorkItem
+from serve_app.engine.lora_sources import LoraSources, is_remote
+from serve_app.engine.workitems import BatchKey, ItemResult, LoraUse, WorkItem
 from serve_app.errors import ApiError
 
 logger = logging.getLogger("ray.serve")
 
-DOWNLOAD_THREADS = 4
+MAX_TOKENS = 1024  # request tokens kept for the reads of files they fetched (LRU)
 Outcome = ItemResult | ApiError
 Encoder = Callable[[Image.Image, str], bytes]
-LoadSet = Callable[[tuple[str, ...]], Awaitable[LoraSet]]
+LoadSet = Callable[[tuple[LoraUse, ...]], Awaitable[LoraSet]]
 
 
 class ReplicaObserver:
@@ -71,7 +74,7 @@ class ReplicaObserver:
 class LoraSets(Protocol):
     """The replica's cache of loaded LoRA sets, keyed by `BatchKey.lora_set_id`."""
 
-    async def get(self, set_id: str, sources: tuple[str, ...]) -> LoraSet: ...
+    async def get(self, set_id: str, loras: tuple[LoraUse, ...]) -> LoraSet: ...
 
 
 class LocalLoraSets:
@@ -82,14 +85,14 @@ class LocalLoraSets:
         self._max_sets = max_sets
         self._sets: OrderedDict[str, LoraSet] = OrderedDict()
 
-    async def get(self, set_id: str, sources: tuple[str, ...]) -> LoraSet:
+    async def get(self, set_id: str, loras: tuple[LoraUse, ...]) -> LoraSet:
         if set_id in self._sets:
             self._sets.move_to_end(set_id)
             return self._sets[set_id]
         while len(self._sets) >= self._max_sets:
             _, evicted = self._sets.popitem(last=False)
             evicted.release()
-        self._sets[set_id] = await self._load(sources)
+        self._sets[set_id] = await self._load(loras)
         return self._sets[set_id]
 
 
@@ -137,7 +140,7 @@ class ReplicaState:
 class LoraState:
     """The replica's LoRA adapters, read between pipeline calls."""
 
-    loaded_sources: list[str]
+    loaded: list[str]  # LoRA keys (`LoraUse.key`)
     adapters: list[str]
     adapter_loads: int
 
@@ -189,32 +192,48 @@ class GeneratorReplica:
         self.marks = CancelMarks()
         self.lock = asyncio.Lock()  # one pipeline call at a time: Serve runs sub-batches concurrently
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-engine")
-        self._downloads = ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="flux-download")
+        self.downloader = Downloader(sources)
+        self._tokens: OrderedDict[str, str] = OrderedDict()  # LoRA key -> the request's hf_token
 
     def configure(self, settings: BatchSettings) -> None:
         self.settings = settings
 
     def close(self) -> None:
         self._engine_thread.shutdown(wait=True)
-        self._downloads.shutdown(wait=False, cancel_futures=True)
+        self.downloader.close()
 
     # ---- before a batch ----------------------------------------------------------------------
 
-    async def prefetch(self, item: WorkItem) -> ApiError | None:
+    async def prefetch(self, item: WorkItem, tokens: Mapping[str, str] | None = None) -> ApiError | None:
         """Fetch and check the LoRA files an item needs that are not loaded, before it joins a batch.
 
         Async jobs reach the generator with URLs not yet downloaded. Doing that inside the batch
-        (under the pipeline lock) would stall every other item for up to timeout × retries, and a
-        broken file would first make the LRU evict a good set: here it costs only its own item.
+        (under the pipeline lock) would stall every other item for up to the download's deadline, and
+        a broken file would first make the LRU evict a good set: here it costs only its own item.
+
+        Args:
+            item: the work item.
+            tokens: the request's own hf_token per LoRA key (`LoraUse.key`), if it sent one.
         """
-        loaded = set(self.adapters.loaded_sources())
+        loaded = set(self.adapters.loaded_keys())
         try:
             for use in item.key.loras:
-                if use.source not in loaded:
-                    await self._on(self._downloads, self._fetch, use.source)
+                token = (tokens or {}).get(use.key)
+                if token is not None:
+                    self._keep_token(use.key, token)
+                if use.key not in loaded:
+                    fetched = await self.downloader.fetch(use.source, token, item.deadline, item.request_id)
+                    remote_hit = fetched.cached and is_remote(use.source)
+                    self.observer.lora_fetched(int(remote_hit), fetched.bytes_downloaded)
         except ApiError as exc:
             return exc
         return None
+
+    def _keep_token(self, key: str, token: str) -> None:
+        self._tokens[key] = token
+        self._tokens.move_to_end(key)
+        while len(self._tokens) > MAX_TOKENS:
+            self._tokens.popitem(last=False)
 
     async def admit(self, item: WorkItem) -> None:
         """Wait at the gate while a batch runs (serve_app/batch_gate.py says why)."""
@@ -266,13 +285,13 @@ class GeneratorReplica:
         if not key.loras:
             return None
         loads = self.adapters.loads
-        lora_set = await self.lora_sets.get(key.lora_set_id, tuple(u.source for u in key.loras))
+        lora_set = await self.lora_sets.get(key.lora_set_id, key.loras)
         self.observer.lora_set_used(hit=self.adapters.loads == loads)
         return lora_set
 
-    async def load_lora_set(self, sources: tuple[str, ...]) -> LoraSet:
+    async def load_lora_set(self, loras: tuple[LoraUse, ...]) -> LoraSet:
         """Load a set's missing files as adapters (on the engine thread: it changes the pipeline)."""
-        return await self._on(self._engine_thread, self.adapters.acquire, sources)
+        return await self._on(self._engine_thread, self.adapters.acquire, loras, dict(self._tokens))
 
     async def _generate_or_split(self, items: list[WorkItem]) -> list[_Generated | ApiError]:
         try:
@@ -300,7 +319,7 @@ class GeneratorReplica:
         )
         seconds = time.perf_counter() - start
         self.observer.call_done(key, len(items), seconds)
-        lora_modules = tuple((u.source, self.adapters.matched_modules(u.source)) for u in key.loras)
+        lora_modules = tuple((u.key, self.adapters.matched_modules(u.key)) for u in key.loras)
         return [_Generated(image, seconds / len(items), lora_modules) for image in images]
 
     def _encode_later(self, items: Sequence[WorkItem], done: list[tuple[int, _Generated]]) -> asyncio.Future:
@@ -344,7 +363,7 @@ class GeneratorReplica:
 
         def read() -> LoraState:
             return LoraState(
-                loaded_sources=self.adapters.loaded_sources(),
+                loaded=self.adapters.loaded_keys(),
                 adapters=sorted(self.engine.adapter_names()),
                 adapter_loads=self.adapters.loads,
             )
@@ -352,12 +371,6 @@ class GeneratorReplica:
         return await self._on(self._engine_thread, read)
 
     # ---- helpers -----------------------------------------------------------------------------
-
-    def _fetch(self, source: str) -> None:
-        stats = self.sources.stats
-        hits, downloaded = stats["url_cache_hits"], stats["bytes_downloaded"]
-        self.sources.local_file(source)
-        self.observer.lora_fetched(stats["url_cache_hits"] - hits, stats["bytes_downloaded"] - downloaded)
 
     @staticmethod
     async def _on(executor: ThreadPoolExecutor, fn: Callable, *args):

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from serve_app import errors
 from serve_app.config import AppArgs, ModelArgs
+from serve_app.engine.hf_sources import SCHEME as HF_SCHEME
+from serve_app.engine.hf_sources import HfToken
 from serve_app.engine.workitems import BatchKey, LoraUse, WorkItem
 from serve_app.errors import ApiError, validation_error
 from serve_app.schemas import (
@@ -120,6 +122,7 @@ def _lora_uses(
             f"model {model.id!r} takes a single LoRA (strict_reference); got {len(request.loras)}",
             {"field": "loras", "count": len(request.loras)},
         )
+    digest = _token_digest(request)
     uses: list[LoraUse] = []
     for i, item in enumerate(request.loras):
         source = resolve_lora(item.path)
@@ -127,8 +130,28 @@ def _lora_uses(
             raise validation_error(["body", "loras", i, "path"], f"names a LoRA already listed: {item.path!r}",
                                    "duplicate")
         multiplier = DEFAULT_MULTIPLIER if item.network_multiplier is None else float(item.network_multiplier)
-        uses.append(LoraUse(source=source, multiplier=multiplier))
+        token_digest = digest if source.startswith(HF_SCHEME) else ""
+        uses.append(LoraUse(source=source, multiplier=multiplier, token_digest=token_digest))
     return tuple(uses)
+
+
+def _token_digest(request: InferenceRequest) -> str:
+    """A short hash of the request's own hf_token ("" without one): what a LoRA's identity holds of it."""
+    if request.hf_token is None:
+        return ""
+    try:
+        return HfToken(request.hf_token.get_secret_value()).digest[:16]
+    except ValueError as exc:  # its message never holds the token
+        raise validation_error(["body", "hf_token"], str(exc)) from None
+
+
+def request_tokens(request: InferenceRequest, items: list[WorkItem]) -> dict[str, str]:
+    """The request's hf_token for each of its LoRAs fetched with it, by LoRA key: what travels beside the
+    work items to the generators (and is never stored with a job)."""
+    if request.hf_token is None or not items:
+        return {}
+    token = request.hf_token.get_secret_value()
+    return {use.key: token for use in items[0].key.loras if use.token_digest}
 
 
 def _work_item(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 MAX_SEED = 2**64 - 1
 # The API's own defaults (the reference's). Steps and guidance default per model: GET /v1/models.
@@ -81,6 +81,10 @@ class InferenceRequest(_Request):
     prompts: list[PromptItem] = Field(min_length=1, description="One image per prompt, in order")
     loras: list[LoraItem] = Field(default_factory=list, description="Empty or absent: the base model")
     output_format: OutputFormat = Field("jpeg", description="Image encoding; JPEG quality 95 as the reference")
+    hf_token: SecretStr | None = Field(
+        None, description="The reference's field: a Hugging Face token for this request's hf:// LoRAs only; "
+        "never logged, echoed or stored with the job"
+    )
 
     model_config = ConfigDict(
         extra="ignore",

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from PIL import Image
 
+from serve_app.engine.lora_files import LoraFile
 from serve_app.engine.workitems import WorkItem
 
 # Polled after each denoising step: True stops the call (every image in it is unwanted).
@@ -36,8 +36,9 @@ class AdapterWeight:
 class Engine(Protocol):
     device: str
 
-    def load_adapter(self, name: str, path: Path) -> int:
-        """Load a LoRA file as adapter `name`; return how many modules it wraps.
+    def load_adapter(self, name: str, lora: LoraFile) -> int:
+        """Load a LoRA file's tensors (read and checked by LoraSources) as adapter `name`; return how
+        many modules it wraps.
 
         Raises:
             ApiError: LORA_INCOMPATIBLE when the file does not fit the model.

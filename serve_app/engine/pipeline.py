@@ -11,6 +11,7 @@ No Ray here: this module runs, is tested and is benchmarked without it.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from PIL import Image
 from serve_app import errors
 from serve_app.config import TINY_SOURCE, ModelArgs
 from serve_app.engine.base import AdapterWeight, GenerationInterrupted, StepCallback, StopCheck
+from serve_app.engine.lora_files import LoraFile
+from serve_app.engine.source_errors import display_source
 from serve_app.engine.workitems import WorkItem
 from serve_app.errors import ApiError
 
@@ -64,6 +67,18 @@ def load_flux_pipeline(
     return pipe.to(device)
 
 
+def _adapter_config(metadata: dict[str, str]) -> dict | None:
+    """diffusers' own LoRA config from a file's metadata (`lora_adapter_metadata`), if it holds one."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) and config else None
+
+
 class FluxEngine:
     """Owns one FluxPipeline: adapters in, images out. Not thread-safe: callers serialize."""
 
@@ -84,34 +99,49 @@ class FluxEngine:
 
     # ---- adapters --------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, path: Path) -> int:
-        """Load a LoRA file as the PEFT adapter `name`; return how many modules it wraps.
+    def load_adapter(self, name: str, lora: LoraFile) -> int:
+        """Load a LoRA file's tensors as the PEFT adapter `name`; return how many modules it wraps.
 
-        diffusers converts kohya and XLabs files; ai-toolkit files are already in its format.
-        A file of which no key matches the model would be a silent no-op in diffusers, so it
-        is refused here with LORA_INCOMPATIBLE.
+        diffusers converts kohya and XLabs files; ai-toolkit files are already in its format. The
+        tensors come in memory (`LoraSources.read`), never as a path, so what is loaded is what was
+        checked. A file of which no key matches the model would be a silent no-op in diffusers, so
+        it is refused here with LORA_INCOMPATIBLE; diffusers' own words go to the log, not the client.
         """
-        path = Path(path)
+        shown = display_source(lora.source)
         try:
-            self.pipe.load_lora_weights(
-                str(path.parent), weight_name=path.name, adapter_name=name, local_files_only=True
-            )
-        except Exception as exc:  # diffusers raises ValueError/RuntimeError/KeyError/AssertionError
+            self._load_tensors(name, lora)
+        except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError/KeyError/AssertionError
             self.delete_adapter(name)
+            logger.warning("LoRA %s does not fit this model: %s: %s", shown, type(exc).__name__, str(exc)[:500])
             raise ApiError(
                 errors.LORA_INCOMPATIBLE,
-                f"LoRA {path.name!r} does not fit this model: {type(exc).__name__}: {exc}"[:500],
-                {"file": path.name},
+                f"LoRA {shown!r} does not fit this model (its tensors do not match the model's layers)",
+                {"path": shown},
             ) from None
         matched = self.adapter_module_count(name)
         if matched == 0:
             self.delete_adapter(name)
             raise ApiError(
                 errors.LORA_INCOMPATIBLE,
-                f"LoRA {path.name!r}: none of its keys matches a module of this model",
-                {"file": path.name, "matched_modules": 0},
+                f"LoRA {shown!r} does not fit this model: none of its keys matches a module of it",
+                {"path": shown, "matched_modules": 0},
             )
         return matched
+
+    def _load_tensors(self, name: str, lora: LoraFile) -> None:
+        config = _adapter_config(lora.metadata)
+        if config is None:
+            self.pipe.load_lora_weights(dict(lora.tensors), adapter_name=name)
+            return
+        # diffusers reads a file's own LoRA config (rank, alpha, patterns) only when it opens the file
+        # itself; given a dict it would guess alpha = rank. So a file that carries its config (one saved
+        # by diffusers) is loaded with it, the way load_lora_weights loads such a file from a path.
+        tensors = dict(lora.tensors)
+        self.pipe.load_lora_into_transformer(tensors, None, self.pipe.transformer, adapter_name=name, metadata=config)
+        if any(k.startswith("text_encoder.") for k in tensors):
+            self.pipe.load_lora_into_text_encoder(
+                tensors, None, self.pipe.text_encoder, prefix="text_encoder", adapter_name=name, metadata=config
+            )
 
     def adapter_module_count(self, name: str) -> int:
         """Modules (in every LoRA-loadable component) that carry adapter `name`."""

@@ -13,10 +13,22 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class LoraUse:
-    """One LoRA file (by canonical source) and the multiplier it runs at."""
+    """One LoRA file (by canonical source) and the multiplier it runs at.
+
+    `token_digest` is set when the request brought its own hf_token for the file: the file fetched
+    with a token is another file than the one fetched without, so the digest is part of its `key`
+    (a replica never serves a token's file to a request without it). The token itself travels
+    beside the work items, never in them.
+    """
 
     source: str
     multiplier: float
+    token_digest: str = ""
+
+    @property
+    def key(self) -> str:
+        """The file's identity in a replica: its source, and the hash of the token it was fetched with."""
+        return f"{self.source} (token {self.token_digest})" if self.token_digest else self.source
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,7 @@ class BatchKey:
 
     @property
     def lora_set_id(self) -> str:
-        return lora_set_id(u.source for u in self.loras)
+        return lora_set_id(u.key for u in self.loras)
 
     def label(self) -> str:
         """A metrics tag: the geometry only, never a LoRA (unbounded cardinality)."""
@@ -81,7 +93,7 @@ class ItemResult:
     format: str
     data: bytes = field(repr=False)
     seconds: float = 0.0
-    lora_modules: tuple[tuple[str, int], ...] = ()  # (source, matched module count)
+    lora_modules: tuple[tuple[str, int], ...] = ()  # (LoRA key, matched module count)
 
 
 def lora_set_id(sources: Iterable[str]) -> str:

@@ -49,11 +49,13 @@ class GeneratorClient:
             self._by_set.move_to_end(set_id)
         return handle
 
-    def submit(self, item: WorkItem) -> DeploymentResponse:
-        return self._handle_for(item.key.lora_set_id).generate.remote(item)
+    def submit(self, item: WorkItem, tokens: dict[str, str] | None = None) -> DeploymentResponse:
+        return self._handle_for(item.key.lora_set_id).generate.remote(item, tokens)
 
-    async def run_one(self, item: WorkItem) -> ItemResult | ApiError:
+    async def run_one(self, item: WorkItem, tokens: dict[str, str] | None = None) -> ItemResult | ApiError:
         """Generate one item; every failure comes back as a value, never raised.
+
+        `tokens` (a request's own hf_token per LoRA key) go with the call, never with the item.
 
         The retry rule: an exception that is not an ApiError means the call, not the item, failed:
         the replica died (ActorDiedError / RayActorError), was unreachable (ActorUnavailableError)
@@ -66,7 +68,7 @@ class GeneratorClient:
         (the generator's queue is full: the item ends OVERLOADED, and a retry would only add load).
         """
         for attempt in range(1, REPLICA_ATTEMPTS + 1):
-            response = self.submit(item)
+            response = self.submit(item, tokens)
             try:
                 return await response
             except asyncio.CancelledError:
@@ -96,8 +98,8 @@ class Generators:
     def __init__(self, handles: dict[str, DeploymentHandle], retry_after_s: int):
         self._clients = {model: GeneratorClient(handle, retry_after_s) for model, handle in handles.items()}
 
-    async def run_one(self, item: WorkItem) -> ItemResult | ApiError:
-        return await self._clients[item.key.model].run_one(item)
+    async def run_one(self, item: WorkItem, tokens: dict[str, str] | None = None) -> ItemResult | ApiError:
+        return await self._clients[item.key.model].run_one(item, tokens)
 
-    async def run(self, items: list[WorkItem]) -> list[ItemResult | ApiError]:
-        return list(await asyncio.gather(*(self.run_one(item) for item in items)))
+    async def run(self, items: list[WorkItem], tokens: dict[str, str] | None = None) -> list[ItemResult | ApiError]:
+        return list(await asyncio.gather(*(self.run_one(item, tokens) for item in items)))

@@ -25,7 +25,7 @@ from serve_app.config import BatchSettings, LoraArgs, ModelArgs
 from serve_app.engine.adapters import LoraSet
 from serve_app.engine.factory import build_engine
 from serve_app.engine.lora_sources import LoraSources
-from serve_app.engine.workitems import ItemResult, WorkItem
+from serve_app.engine.workitems import ItemResult, LoraUse, WorkItem
 from serve_app.errors import ApiError
 from serve_app.replica import GeneratorReplica, LoadSet, LoraState, ReplicaState
 from serve_app.serving.metrics import GeneratorMetrics
@@ -37,22 +37,22 @@ class ServeLoraSets:
     """The replica's LoRA-set cache as Serve's `@serve.multiplexed` (LRU, affinity routing)."""
 
     def __init__(self, load: LoadSet, max_sets: int):
-        self._sources: dict[str, tuple[str, ...]] = {}
+        self._pending: dict[str, tuple[LoraUse, ...]] = {}
 
         async def load_set(set_id: str) -> LoraSet:
-            return await load(self._sources[set_id])
+            return await load(self._pending[set_id])
 
         # A closure, not a method: Serve fixes a decorated method's cache size at import time.
         self._multiplexed = serve.multiplexed(max_num_models_per_replica=max_sets)(load_set)
 
-    async def get(self, set_id: str, sources: tuple[str, ...]) -> LoraSet:
-        # Serve's loader takes the id only, so the sources wait here for it. No lock of its own is
-        # needed: the replica asks under its pipeline lock, one set at a time.
-        self._sources[set_id] = sources
+    async def get(self, set_id: str, loras: tuple[LoraUse, ...]) -> LoraSet:
+        # Serve's loader takes the id only, so the set's LoRAs wait here for it. No lock of its own
+        # is needed: the replica asks under its pipeline lock, one set at a time.
+        self._pending[set_id] = loras
         try:
             return await self._multiplexed(set_id)
         finally:
-            self._sources.pop(set_id, None)
+            self._pending.pop(set_id, None)
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,14 @@ class FluxGenerator:
         self._batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.replica.configure(settings)
 
-    async def generate(self, item: WorkItem) -> ItemResult | ApiError:
-        """Generate one work item; an error comes back as a value (it survives any pickling)."""
-        error = await self.replica.prefetch(item)
+    async def generate(self, item: WorkItem, tokens: dict[str, str] | None = None) -> ItemResult | ApiError:
+        """Generate one work item; an error comes back as a value (it survives any pickling).
+
+        Args:
+            item: the work item.
+            tokens: the request's own hf_token per LoRA key, when it sent one (kept in memory only).
+        """
+        error = await self.replica.prefetch(item, tokens)
         if error is not None:
             return error
         await self.replica.admit(item)

@@ -19,10 +19,11 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import errors
 from serve_app.config import AppArgs
-from serve_app.engine.lora_sources import LoraSources
+from serve_app.engine.downloader import Downloader
+from serve_app.engine.lora_sources import LoraSources, is_remote
 from serve_app.engine.workitems import WorkItem
 from serve_app.errors import ApiError
-from serve_app.requests import build_work_items
+from serve_app.requests import build_work_items, request_tokens
 from serve_app.schemas import (
     RESOLUTION_DIVISOR,
     GenerateResponse,
@@ -55,6 +56,7 @@ class FluxIngress:
         self.jobs = jobs
         self.links = Links(args.base_url)
         self.sources = LoraSources(args.loras)
+        self.downloader = Downloader(self.sources)
         self.api_key = load_api_key(args.auth)
         self.sync_in_flight = InFlight(args.limits.max_sync_items_per_ingress, args.limits.retry_after_s)
         self.context = serve.get_replica_context()
@@ -66,7 +68,8 @@ class FluxIngress:
     async def submit(self, body: InferenceRequest, timeout_s: float) -> SubmitResponse:
         request_id = uuid.uuid4().hex
         items = self._work_items(body, request_id, timeout_s)
-        status = await self.jobs.submit.remote(request_id, items, self._metadata(body, items), timeout_s)
+        status = await self.jobs.submit.remote(request_id, items, self._metadata(body, items), timeout_s,
+                                               request_tokens(body, items))
         logger.info("job %s queued: %d items of model %s", request_id, len(items), body.model)
         return SubmitResponse(
             request_id=request_id,
@@ -90,11 +93,11 @@ class FluxIngress:
     async def generate(self, body: InferenceRequest, timeout_s: float) -> GenerateResponse:
         request_id = uuid.uuid4().hex
         items = self._work_items(body, request_id, timeout_s)
+        tokens = request_tokens(body, items)
         with self.sync_in_flight.hold(len(items)):
-            await self._fetch_remote_loras(items)
             started = time.perf_counter()
-            try:
-                outcomes = await asyncio.wait_for(self.generators.run(items), timeout=timeout_s)
+            try:  # one timeout for the downloads and the generation
+                outcomes = await asyncio.wait_for(self._fetch_and_run(items, tokens), timeout=timeout_s)
             except asyncio.TimeoutError:
                 raise ApiError(errors.TIMEOUT, f"the request did not finish within {timeout_s:g} s") from None
         for outcome in outcomes:
@@ -144,11 +147,13 @@ class FluxIngress:
         model = self.args.model(body.model)
         return ResultMetadata(model=model.id, base_model=model.base_model, loras=loras)
 
-    async def _fetch_remote_loras(self, items: list[WorkItem]) -> None:
-        """Download URL and hf:// LoRAs before queueing, so a bad source is a 400 of this call."""
-        for use in items[0].key.loras:
-            if "://" in use.source:
-                await asyncio.to_thread(self.sources.local_file, use.source)
+    async def _fetch_and_run(self, items: list[WorkItem], tokens: dict[str, str]) -> list:
+        """Download URL and hf:// LoRAs before queueing, so a bad source is a 400 of this call; then generate."""
+        first = items[0]
+        for use in first.key.loras:
+            if is_remote(use.source):
+                await self.downloader.fetch(use.source, tokens.get(use.key), first.deadline, first.request_id)
+        return await self.generators.run(items, tokens)
 
 
 async def _answers(ping) -> bool:

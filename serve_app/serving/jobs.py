@@ -53,6 +53,7 @@ class Job:
     error_code: str | None = None
     results: list[ItemResult] = field(default_factory=list)
     task: asyncio.Task | None = None
+    tokens: dict[str, str] = field(default_factory=dict, repr=False)  # the request's hf_token: memory only
 
     @property
     def finished(self) -> bool:
@@ -110,15 +111,16 @@ class FluxJobs:
         active = [j for j in self.jobs.values() if not j.finished]
         return JobCounts(jobs=len(self.jobs), active_jobs=len(active), active_items=sum(len(j.items) for j in active))
 
-    async def submit(self, request_id: str, items: list[WorkItem], metadata: ResultMetadata,
-                     timeout_s: float) -> StatusResponse:
+    async def submit(self, request_id: str, items: list[WorkItem], metadata: ResultMetadata, timeout_s: float,
+                     tokens: dict[str, str] | None = None) -> StatusResponse:
         """Accept a job, or refuse it with OVERLOADED before anything is queued.
 
         An accepted job is never dropped for load: it runs, fails with a code, or is cancelled.
+        `tokens` (the request's own hf_token per LoRA key) are kept in memory for the dispatch only.
         """
         self._prune(room=1)
         self._check_capacity(len(items))
-        job = Job(request_id=request_id, items=items, metadata=metadata)
+        job = Job(request_id=request_id, items=items, metadata=metadata, tokens=dict(tokens or {}))
         self.jobs[request_id] = job
         job.task = asyncio.create_task(self._run(job, timeout_s))
         return job.status_response()
@@ -188,7 +190,7 @@ class FluxJobs:
             if job.started_at is None:
                 job.started_at = time.time()
                 job.status = "in_progress"
-            return await self.generators.run_one(item)
+            return await self.generators.run_one(item, job.tokens or None)
 
     def _check_capacity(self, new_items: int) -> None:
         limits = self.args.limits

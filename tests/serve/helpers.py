@@ -43,7 +43,7 @@ def app_args(lora_root: Path, **overrides) -> AppArgs:
     base: dict[str, Any] = {
         "models": [model_args()],
         "loras": {"root": str(lora_root), "cache_dir": str(lora_root / ".url-cache"), "allowed_hosts": ["127.0.0.1"],
-                  "max_adapters_per_replica": 4},
+                  "allow_private_addresses": True, "max_adapters_per_replica": 4},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

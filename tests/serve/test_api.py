@@ -97,7 +97,7 @@ def test_server_image_equals_the_engine_image(url, tiny_dir, lora_root):
     engine = FluxEngine.load(str(tiny_dir), device="cpu")
     adapters = AdapterCache(engine, LoraSources(LoraArgs(root=str(lora_root), cache_dir=str(lora_root / ".c"))))
     item = build_work_items(InferenceRequest.model_validate(request), AppArgs(), "x")[0]
-    held = adapters.acquire([u.source for u in item.key.loras])  # released when dropped
+    held = adapters.acquire(item.key.loras)  # released when dropped
     local = encode_image(engine.generate([item], adapters.weights(item.key.loras))[0], "png")
     held.release()
     diff = np.abs(decode(base64.b64decode(served["images"][0]["data"])) - decode(local))
@@ -160,6 +160,19 @@ def test_errors_reach_the_client_in_the_envelope(url, what, method, path, payloa
     assert error["code"] == code
     assert error["message"]
     assert isinstance(error["details"], dict)
+
+
+def test_an_hf_token_is_never_echoed_or_kept_with_the_job(url):
+    secret = "hf_" + "s3cr3t" * 6
+    bad = httpx.post(f"{url}/v1/generate", json=body(hf_token=secret + " with spaces"))
+    assert bad.status_code == 422 and bad.json()["error"]["details"]["errors"][0]["loc"] == ["body", "hf_token"]
+    assert "s3cr3t" not in bad.text
+    job = httpx.post(f"{url}/v1/inference", json=body(hf_token=secret, loras=[{"path": "aitk/style.safetensors"}]))
+    assert job.status_code == 200 and "s3cr3t" not in job.text
+    request_id = job.json()["request_id"]
+    assert wait_finished(url, request_id)["status"] == "succeeded"
+    for path in ("status", "result"):
+        assert "s3cr3t" not in httpx.get(f"{url}/v1/requests/{request_id}/{path}").text
 
 
 def test_validation_error_lists_each_field(url):

@@ -48,6 +48,21 @@ def test_gpu_config_autoscales_generators_on_gpus():
     assert deployments["FluxIngress"].num_replicas >= 2
 
 
+def test_the_cluster_config_requires_an_api_key(monkeypatch):
+    """flux-dev.yaml listens on every node and fetches remote LoRAs: it must not start without a key."""
+    from serve_app.serving.guards import load_api_key
+
+    config = yaml.safe_load((ROOT / "deploy/flux-dev.yaml").read_text())
+    args = AppArgs.model_validate(config["applications"][0]["args"])
+    assert args.auth.api_key_env or args.auth.api_key_file
+    if args.auth.api_key_env:
+        monkeypatch.delenv(args.auth.api_key_env, raising=False)
+        with pytest.raises(RuntimeError, match=args.auth.api_key_env):
+            load_api_key(args.auth)
+        monkeypatch.setenv(args.auth.api_key_env, "a-key")
+        assert load_api_key(args.auth) == "a-key"
+
+
 def test_a_wrong_args_field_fails_at_start_with_its_name():
     with pytest.raises(Exception) as info:
         AppArgs.model_validate({"models": [{"source": "tiny"}], "lora": {"root": "x"}})

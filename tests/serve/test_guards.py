@@ -110,6 +110,23 @@ def test_body_size_just_under_and_just_over(url):
     assert over.json()["error"]["code"] == errors.BODY_TOO_LARGE
 
 
+def test_a_chunked_body_over_the_limit_is_413_and_under_it_is_served(url):
+    """No Content-Length: the body arrives in chunks and is counted as it comes."""
+    def chunked(size: int):
+        body = request()
+        data = httpx.Request("POST", url, json=body).content
+        padded = data[:-1] + b', "pad": "' + b"x" * (size - len(data) - 11) + b'"}'
+        assert len(padded) == size
+        return (padded[i:i + 4096] for i in range(0, len(padded), 4096))
+
+    headers = {**AUTH, "content-type": "application/json"}
+    over = httpx.post(f"{url}/v1/generate", content=chunked(60_000), headers=headers, timeout=60)
+    assert over.status_code == 413, over.text
+    assert over.json()["error"]["code"] == errors.BODY_TOO_LARGE
+    under = httpx.post(f"{url}/v1/generate", content=chunked(19_000), headers=headers, timeout=60)
+    assert under.status_code == 200, under.text
+
+
 def test_timeout_header_must_be_a_positive_number(url):
     answer = httpx.post(f"{url}/v1/generate", json=request(), headers={**AUTH, "X-Flux-Timeout": "soon"})
     assert answer.status_code == 422

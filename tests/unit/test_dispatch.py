@@ -47,7 +47,7 @@ class FakeHandle:
     def options(self, **_):
         return self
 
-    def remote(self, item):
+    def remote(self, item, tokens=None):
         response = FakeResponse(self.outcomes.pop(0))
         self.responses.append(response)
         return response

@@ -7,6 +7,7 @@ each item's own image within 1 level of 8 bits.
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,10 +18,11 @@ from PIL import Image
 
 from serve_app.config import AppArgs, LoraArgs
 from serve_app.engine.adapters import AdapterCache
-from serve_app.engine.base import GenerationInterrupted
+from serve_app.engine.base import AdapterWeight, GenerationInterrupted
 from serve_app.engine.images import encode_image
 from serve_app.engine.lora_sources import LoraSources
 from serve_app.engine.pipeline import FluxEngine
+from serve_app.engine.workitems import LoraUse
 from serve_app.errors import ApiError
 from serve_app.requests import build_work_items
 from serve_app.schemas import InferenceRequest
@@ -86,7 +88,7 @@ def test_engine_matches_the_reference_call_exactly(engine, adapters, reference_p
     if multiplier is not None:
         body["loras"] = [{"path": "aitk/style.safetensors", "network_multiplier": multiplier}]
     item = items_for(body)[0]
-    lora_set = adapters.acquire([u.source for u in item.key.loras]) if item.key.loras else None
+    lora_set = adapters.acquire(item.key.loras) if item.key.loras else None
     ours = engine.generate([item], adapters.weights(item.key.loras))[0]
     if lora_set is not None:
         lora_set.release()
@@ -104,7 +106,7 @@ def test_multiplier_zero_is_exactly_the_base_image_and_one_is_not(engine, adapte
     with_lora = {"model": "flux", "prompts": [{"prompt": "a tree", "width": 64, "height": 64, "sample_steps": STEPS}]}
     zero = items_for({**with_lora, "loras": [{"path": "aitk/style.safetensors", "network_multiplier": 0}]})[0]
     one = items_for({**with_lora, "loras": [{"path": "aitk/style.safetensors", "network_multiplier": 1}]})[0]
-    lora_set = adapters.acquire(["aitk/style.safetensors"])
+    lora_set = adapters.acquire(zero.key.loras)
     try:
         base_img = pixels(engine.generate([base])[0])
         zero_img = pixels(engine.generate([zero], adapters.weights(zero.key.loras))[0])
@@ -145,19 +147,54 @@ def test_a_file_matching_no_module_is_refused(engine, tmp_path):
 
     save_file({"transformer.no_such_block.lora_A.weight": torch.zeros(4, 8),
                "transformer.no_such_block.lora_B.weight": torch.zeros(8, 4)}, str(tmp_path / "wrong.safetensors"))
+    lora = LoraSources(LoraArgs(root=str(tmp_path), cache_dir=str(tmp_path / ".c"))).read("wrong.safetensors")
     with pytest.raises(ApiError) as info:
-        engine.load_adapter("wrong", tmp_path / "wrong.safetensors")
-    assert info.value.code == "LORA_INCOMPATIBLE"
+        engine.load_adapter("wrong", lora)
+    assert info.value.code == "LORA_INCOMPATIBLE" and "wrong.safetensors" in info.value.message
+    assert "does not fit this model" in info.value.message
+    assert str(tmp_path) not in info.value.message
     assert "wrong" not in engine.adapter_names()
 
 
+def test_a_file_carrying_diffusers_own_lora_config_loads_as_it_does_from_its_path(engine, reference_pipe, tmp_path):
+    """Tensors handed over in memory lose nothing: a file that diffusers saved with its LoRA config
+    (here alpha = 2 x rank) gives the same pixels as diffusers loading that file from disk."""
+    import json
+
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    from serve_app import tiny
+
+    tensors = load_file(str(tiny.write_peft_lora(tmp_path / "plain.safetensors", with_alpha=False)))
+    modules = sorted({k.removeprefix("transformer.").rsplit(".lora_A.", 1)[0] for k in tensors if ".lora_A." in k})
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=modules).to_dict()
+    config = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    save_file(tensors, str(tmp_path / "meta.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    item = items_for({"model": "flux", "prompts": [{"prompt": "a boat", "width": 64, "height": 64, "seed": 5,
+                                                     "sample_steps": STEPS}]})[0]
+    lora = LoraSources(LoraArgs(root=str(tmp_path), cache_dir=str(tmp_path / ".c"))).read("meta.safetensors")
+    images = {}
+    for name, handed_over in (("meta", lora), ("no_config", replace(lora, metadata={}))):
+        engine.load_adapter(name, handed_over)
+        try:
+            images[name] = pixels(engine.generate([item], [AdapterWeight(name, 1.0)])[0])
+        finally:
+            engine.delete_adapter(name)
+    theirs = pixels(reference_image(reference_pipe, tmp_path, "meta.safetensors", 1.0, item.prompt, 64, 64, item.seed))
+    assert np.abs(images["meta"] - theirs).max() == 0
+    assert np.abs(images["no_config"] - theirs).mean() > 0.5  # the config matters: without it alpha would be wrong
+
+
 def test_adapters_are_shared_between_sets_and_freed_with_the_last(engine, adapters):
-    a = adapters.acquire(["aitk/style.safetensors", "aitk/other.safetensors"])
-    b = adapters.acquire(["aitk/style.safetensors"])
+    style, other = LoraUse("aitk/style.safetensors", 1.0), LoraUse("aitk/other.safetensors", 0.5)
+    a = adapters.acquire([style, other])
+    b = adapters.acquire([style])
     assert len(engine.adapter_names()) == 2
     a.release()
     a.release()  # Serve's eviction and the garbage collector may both call it
-    assert adapters.loaded_sources() == ["aitk/style.safetensors"]
+    assert adapters.loaded_keys() == ["aitk/style.safetensors"]
     assert len(engine.adapter_names()) == 1
     b.release()
     assert engine.adapter_names() == set()

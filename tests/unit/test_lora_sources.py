@@ -1,196 +1,199 @@
-"""LoraSources against real files and a real local HTTP server (no mocks of httpx).
+"""LoraSources against real files and a real local HTTP server (no mocks of the network).
 
-The server counts requests per (method, path) so tests can prove "downloaded once, then cached"
-and "retried after a 500". It also plays a minimal Hugging Face Hub for hf:// sources.
+Root-relative paths, the URL policy as the ingress applies it (`canonical`), downloads into the
+disk cache, and the hand-over to a loader (`read`). Redirects and misbehaving hosts are in
+test_safe_fetch.py, hf:// in test_hf_sources.py, the cache's cap across processes in
+test_download_cache.py, the async Downloader in test_downloader.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import os
 import pickle
+import shutil
 import struct
 import threading
 import time
-from collections import Counter
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import huggingface_hub.constants  # imported before any test sets HF_ENDPOINT, so nothing leaks into it
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from serve_app.config import LoraArgs
+from serve_app.engine.download_cache import cache_key
+from serve_app.engine.lora_files import LoraFile, looks_like_html
 from serve_app.engine.lora_sources import LoraSources
 from serve_app.errors import ApiError
+from tests.unit.lora_host import LoraHost, flaky, redirect, slow, stream_without_length
 
-SLOW_S = 1.5
 TIMEOUT_S = 0.5
 MAX_FILE = 64 * 1024
-COMMIT = "c" * 40
+ROOT_REFUSALS = {"LORA_NOT_FOUND", "LORA_SOURCE_FORBIDDEN", "LORA_INVALID"}
 
 
-def _safetensors_bytes(tmp: Path, n: int = 2) -> bytes:
+def safetensors_bytes(tmp: Path, n: int = 2) -> bytes:
     path = tmp / f"t{n}.safetensors"
-    save_file({"transformer.x.lora_A.weight": torch.zeros(n, n)}, str(path))
+    save_file({"transformer.x.lora_A.weight": torch.full((n, n), float(n))}, str(path))
     return path.read_bytes()
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    files: dict[str, bytes]
-    counts: Counter
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output quiet
-        pass
-
-    def do_HEAD(self):
-        self._answer(head=True)
-
-    def do_GET(self):
-        self._answer(head=False)
-
-    def _send(self, status: int, body: bytes = b"", ctype="application/octet-stream", head=False, **headers):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", headers.pop("length", str(len(body))))
-        for key, value in headers.items():
-            self.send_header(key.replace("_", "-"), value)
-        self.end_headers()
-        if not head:
-            try:
-                self.wfile.write(body)
-            except OSError:  # the client hung up on purpose (oversize, timeout)
-                pass
-
-    def _answer(self, head: bool):
-        srv: _Server = self.server  # type: ignore[assignment]
-        path = urlsplit(self.path).path
-        srv.counts[(self.command, path)] += 1
-        good = srv.files["good"]
-        if "/resolve/" in path:
-            return self._hub(path, head)
-        if path.startswith("/good"):
-            return self._send(200, good, head=head)
-        if path == "/missing":
-            return self._send(404, b"nope", "text/plain")
-        if path == "/page":
-            return self._send(200, b"<html><body>a model page</body></html>", "text/html; charset=utf-8")
-        if path == "/page-octet":
-            return self._send(200, b"\n<!DOCTYPE html><html></html>")
-        if path == "/slow":
-            time.sleep(SLOW_S)
-            return self._send(200, good)
-        if path == "/big":
-            return self._send(200, b"x" * 16, length=str(MAX_FILE * 10))
-        if path == "/big-stream":  # no Content-Length: only the stream shows it is too big
-            self.send_response(200)
-            self.end_headers()
-            try:
-                for _ in range(MAX_FILE // 1024 + 8):
-                    self.wfile.write(good[:8] + b"x" * 1016)
-            except OSError:
-                pass
-            return
-        if path == "/corrupt":
-            return self._send(200, os.urandom(4096))
-        if path == "/flaky":
-            status = 500 if srv.counts[("GET", path)] == 1 else 200
-            return self._send(status, good if status == 200 else b"oops")
-        if path == "/redirect":
-            return self._send(302, b"", Location="/good-redirected")
-        return self._send(404, b"")
-
-    def _hub(self, path: str, head: bool):
-        """/{owner}/{repo}/resolve/{revision}/{file}, answered with the headers huggingface_hub reads."""
-        srv: _Server = self.server  # type: ignore[assignment]
-        repo, _, rest = path.lstrip("/").partition("/resolve/")
-        filename = rest.partition("/")[2]
-        if repo != "alice/lora":
-            return self._send(404, b"", head=head, X_Error_Code="RepoNotFound")
-        body = srv.files.get(f"hub:{filename}")
-        if body is None:
-            return self._send(404, b"", head=head, X_Error_Code="EntryNotFound", X_Repo_Commit=COMMIT)
-        etag = hashlib.sha256(body).hexdigest()
-        self._send(200, body, head=head, X_Repo_Commit=COMMIT, ETag=f'"{etag}"')
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("srv")
-    srv = _Server(("127.0.0.1", 0), _Handler)
-    good = _safetensors_bytes(tmp)
-    srv.files = {"good": good, "hub:x.safetensors": good, "hub:sub/y.safetensors": _safetensors_bytes(tmp, 3),
-                 "hub:bad.safetensors": b"\x00" * 100}
-    srv.counts = Counter()
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+@pytest.fixture
+def host():
+    server = LoraHost()
+    yield server
+    server.close()
 
 
 @pytest.fixture
-def base(server) -> str:
-    return f"http://127.0.0.1:{server.server_address[1]}"
+def good(tmp_path) -> bytes:
+    return safetensors_bytes(tmp_path)
 
 
 def make(tmp_path: Path, **overrides) -> LoraSources:
-    fields = dict(root=str(tmp_path / "root"), cache_dir=str(tmp_path / "cache"), max_file_bytes=MAX_FILE,
-                  allowed_hosts=["127.0.0.1", ".example.com", "huggingface.co"],
-                  download_timeout_s=TIMEOUT_S, download_retries=2)
+    fields = {
+        "root": str(tmp_path / "root"),
+        "cache_dir": str(tmp_path / "cache"),
+        "max_file_bytes": MAX_FILE,
+        "allowed_hosts": ["127.0.0.1", ".example.com", "huggingface.co"],
+        "allow_private_addresses": True,
+        "download_timeout_s": TIMEOUT_S,
+        "download_retries": 2,
+    }
     fields.update(overrides)
-    (tmp_path / "root").mkdir(exist_ok=True)
+    (tmp_path / "root").mkdir(parents=True, exist_ok=True)
     return LoraSources(LoraArgs(**fields))
 
 
-def raises(code: str, fn, *args) -> ApiError:
+def raises(codes: str | set[str], fn, *args, **kwargs) -> ApiError:
     with pytest.raises(ApiError) as info:
-        fn(*args)
+        fn(*args, **kwargs)
     err = info.value
-    assert err.code == code, err
+    assert err.code in ({codes} if isinstance(codes, str) else codes), err
+    assert 400 <= err.status_code < 500
     back = pickle.loads(pickle.dumps(err))  # crosses Ray handles: must survive pickling intact
     assert (back.code, back.message, back.details) == (err.code, err.message, err.details)
     return err
 
 
+def cache_files(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "cache").iterdir()) if (tmp_path / "cache").exists() else []
+
+
 # ---- root-relative paths ---------------------------------------------------------------------
 
 
-def test_root_paths_canonical_and_local(tmp_path):
+def test_root_paths_canonical_and_read(tmp_path, good):
     src = make(tmp_path)
     (tmp_path / "root" / "demo").mkdir()
-    (tmp_path / "root" / "demo" / "demo_lora.safetensors").write_bytes(_safetensors_bytes(tmp_path))
+    (tmp_path / "root" / "demo" / "demo_lora.safetensors").write_bytes(good)
     assert src.canonical("demo/demo_lora.safetensors") == "demo/demo_lora.safetensors"
     assert src.canonical("./demo//demo_lora.safetensors") == "demo/demo_lora.safetensors"
-    local = src.local_file("demo/demo_lora.safetensors")
-    assert local == (tmp_path / "root" / "demo" / "demo_lora.safetensors").resolve()
+    lora = src.read("demo/demo_lora.safetensors")
+    assert isinstance(lora, LoraFile) and lora.source == "demo/demo_lora.safetensors" and lora.size == len(good)
+    assert torch.equal(lora.tensors["transformer.x.lora_A.weight"], torch.full((2, 2), 2.0))
+    assert src.fetch("demo/demo_lora.safetensors").cached
 
 
-@pytest.mark.parametrize("path", ["../x.safetensors", "a/../../x.safetensors", "a/../b.safetensors",
-                                  "/etc/passwd", "..\\x.safetensors", "a\\b.safetensors", "x\x00.safetensors",
-                                  "file:///etc/passwd", "ftp://127.0.0.1/x.safetensors", "s3://b/x.safetensors"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../x.safetensors",
+        "a/../../x.safetensors",
+        "a/../b.safetensors",
+        "/etc/passwd",
+        "..\\x.safetensors",
+        "a\\b.safetensors",
+        "x\x00.safetensors",
+        "x\n.safetensors",
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/x.safetensors",
+        "s3://b/x.safetensors",
+        "C:/x.safetensors",
+        "a" * 5000 + ".safetensors",
+    ],
+)
 def test_forbidden_paths(tmp_path, path):
     raises("LORA_SOURCE_FORBIDDEN", make(tmp_path).canonical, path)
 
 
-def test_symlinks(tmp_path):
+@pytest.mark.parametrize(
+    "path",
+    [
+        "%2e%2e/outside.safetensors",
+        "..%2Foutside.safetensors",
+        "%252e%252e/outside.safetensors",
+        "．．/outside.safetensors",
+        "..%c0%afoutside.safetensors",
+        "%2fetc%2fpasswd.safetensors",
+        "root/../outside.safetensors",
+        "~/outside.safetensors",
+    ],
+)
+def test_encoded_root_paths_never_leave_the_root(tmp_path, good, path):
+    """No decoding happens on root-relative paths: an encoded '..' is a (missing) name under the root."""
+    (tmp_path / "outside.safetensors").write_bytes(good)
+    src = make(tmp_path)
+    for call in (src.canonical, src.read, src.fetch):
+        raises(ROOT_REFUSALS, call, path)
+
+
+def test_symlinks(tmp_path, good):
     src = make(tmp_path)
     outside = tmp_path / "outside.safetensors"
-    outside.write_bytes(_safetensors_bytes(tmp_path))
+    outside.write_bytes(good)
     (tmp_path / "root" / "escape.safetensors").symlink_to(outside)
     (tmp_path / "root" / "dir").symlink_to(tmp_path)
-    raises("LORA_SOURCE_FORBIDDEN", src.canonical, "escape.safetensors")
-    raises("LORA_SOURCE_FORBIDDEN", src.canonical, "dir/outside.safetensors")
+    for call in (src.canonical, src.read):
+        raises("LORA_SOURCE_FORBIDDEN", call, "escape.safetensors")
+        raises("LORA_SOURCE_FORBIDDEN", call, "dir/outside.safetensors")
     inside = tmp_path / "root" / "real.safetensors"
-    inside.write_bytes(outside.read_bytes())
+    inside.write_bytes(good)
     (tmp_path / "root" / "alias.safetensors").symlink_to(inside)
     assert src.canonical("alias.safetensors") == "alias.safetensors"
-    assert src.local_file("alias.safetensors") == inside.resolve()
+    assert src.read("alias.safetensors").size == len(good)
+
+
+def test_a_directory_swapped_for_a_symlink_cannot_redirect_a_read(tmp_path):
+    """A thread swaps root/d between a real directory and a symlink to a secret directory as fast as
+    it can, while reads run: each read gets the file under the root or a refusal, never the secret."""
+    src = make(tmp_path)
+    root = tmp_path / "root"
+    (root / "real").mkdir()
+    save_file({"transformer.x.lora_A.weight": torch.ones(2, 2)}, str(root / "real" / "x.safetensors"))
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    save_file({"transformer.x.lora_A.weight": torch.full((2, 2), 7.0)}, str(secret / "x.safetensors"))
+    (root / "link").symlink_to(secret)
+    os.rename(root / "real", root / "d")
+    stop = threading.Event()
+
+    def swap():  # rename is atomic: root/d is always either the real directory or the symlink
+        while not stop.is_set():
+            os.rename(root / "d", root / "real")
+            os.rename(root / "link", root / "d")
+            os.rename(root / "d", root / "link")
+            os.rename(root / "real", root / "d")
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    seen = {"inside": 0, "refused": 0}
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and sum(seen.values()) < 3000:
+            try:
+                lora = src.read("d/x.safetensors")
+            except ApiError as exc:
+                assert exc.code in ROOT_REFUSALS, exc
+                assert str(tmp_path) not in exc.message
+                seen["refused"] += 1
+                continue
+            assert lora.tensors["transformer.x.lora_A.weight"][0, 0].item() == 1.0, "read the secret file"
+            seen["inside"] += 1
+    finally:
+        stop.set()
+        swapper.join()
+    assert seen["inside"] > 0 and seen["refused"] > 0, seen  # both states were met: the race was exercised
 
 
 def test_missing_directory_and_extension(tmp_path):
@@ -202,27 +205,39 @@ def test_missing_directory_and_extension(tmp_path):
     assert ".safetensors" in raises("LORA_INVALID", src.canonical, "w.ckpt").message
 
 
-# ---- validation ------------------------------------------------------------------------------
-
-
-def test_validate_file(tmp_path):
+def test_a_fifo_or_unreadable_file_is_refused_without_blocking(tmp_path, good):
     src = make(tmp_path)
-    good = _safetensors_bytes(tmp_path, 4)
+    os.mkfifo(tmp_path / "root" / "pipe.safetensors")
+    start = time.monotonic()
+    raises(ROOT_REFUSALS, src.read, "pipe.safetensors")  # opened non-blocking: no writer can stall us
+    assert time.monotonic() - start < 1
+    if os.geteuid() != 0:  # root reads any file
+        locked = tmp_path / "root" / "locked.safetensors"
+        locked.write_bytes(good)
+        locked.chmod(0)
+        raises("LORA_INVALID", src.read, "locked.safetensors")
+
+
+# ---- file checks -----------------------------------------------------------------------------
+
+
+def test_broken_files_are_invalid_and_named_by_their_source(tmp_path):
+    src = make(tmp_path)
+    good = safetensors_bytes(tmp_path, 4)
     cases = {
         "empty": b"",
         "not a safetensors": os.urandom(256),
         "truncated": good[:-10],
         "truncated ": good[:5],
-        "holds no tensors": (lambda h: struct.pack("<Q", len(h)) + h)(b'{"__metadata__": {"a": "b"}}'),
+        "holds no tensors": struct.pack("<Q", 28) + b'{"__metadata__": {"a": "b"}}',
         "not JSON": struct.pack("<Q", 4) + b"\xff{{{",
+        "larger than": good + b"\0" * MAX_FILE,
     }
     for why, body in cases.items():
-        path = tmp_path / "f.safetensors"
-        path.write_bytes(body)
-        assert why.strip() in raises("LORA_INVALID", src.validate_file, path).message
-    path.write_bytes(good)
-    src.validate_file(path)
-    raises("LORA_INVALID", make(tmp_path, max_file_bytes=len(good) - 1).validate_file, path)
+        (tmp_path / "root" / "f.safetensors").write_bytes(body)
+        err = raises("LORA_INVALID", src.read, "f.safetensors")
+        assert why.strip() in err.message and "f.safetensors" in err.message
+        assert str(tmp_path) not in err.message
 
 
 # ---- http(s) URLs ----------------------------------------------------------------------------
@@ -234,58 +249,119 @@ def test_url_policy_and_rewrite(tmp_path):
     assert src.canonical(hf) == "https://huggingface.co/owner/repo/resolve/main/x.safetensors"
     assert src.canonical("https://CDN.Example.com/a.safetensors") == "https://cdn.example.com/a.safetensors"
     assert src.canonical("http://127.0.0.1:9/a?x=1") == "http://127.0.0.1:9/a?x=1"
+    assert src.canonical("http://127.0.0.1:9/a b/é.safetensors") == "http://127.0.0.1:9/a%20b/%C3%A9.safetensors"
     assert "/tree/" in raises("LORA_SOURCE_FORBIDDEN", src.canonical, "https://huggingface.co/o/r/tree/main").message
-    for url in ("https://evil.com/x.safetensors", "https://example.com.evil.com/x", "http://u:p@127.0.0.1/x"):
+    for url in (
+        "https://evil.com/x.safetensors",
+        "https://example.com.evil.com/x",
+        "http://u:p@127.0.0.1/x",
+        "http://127.0.0.1:0/x",
+        "http://127.0.0.1:99999/x",
+        "http://[::1/x",
+        "http:///x",
+        "gopher://x/",
+    ):
         raises("LORA_SOURCE_FORBIDDEN", src.canonical, url)
     raises("LORA_SOURCE_FORBIDDEN", make(tmp_path, allowed_hosts=["127.0.0.1:1"]).canonical, "http://127.0.0.1:2/x")
-    raises("LORA_SOURCE_FORBIDDEN", src.local_file, "https://evil.com/x.safetensors")  # local_file checks too
+    raises("LORA_SOURCE_FORBIDDEN", src.fetch, "https://evil.com/x.safetensors")  # fetch checks too
 
 
-def test_download_once_then_cache_hit(tmp_path, server, base):
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "2130706433",
+        "127.0.0.1.",
+        "localhost",
+        "0x7f.0.0.1",
+        "127.1",
+        "0177.0.0.1",
+        "[::ffff:127.0.0.1]",
+        "[::1]",
+        "127.0.0.01",
+    ],
+)
+def test_an_ip_port_entry_allows_no_other_spelling_of_it(tmp_path, host, good, spelling):
+    host.file("/x.safetensors", good)
+    src = make(tmp_path, allowed_hosts=[f"127.0.0.1:{host.port}"])
+    assert src.fetch(f"{host.base}/x.safetensors").bytes_downloaded == len(good)
+    url = f"http://{spelling}:{host.port}/x.safetensors"
+    err = raises("LORA_SOURCE_FORBIDDEN", src.fetch, url)
+    assert "allowed_hosts" in err.message
+    assert host.counts["/x.safetensors"] == 1  # the other spelling sent nothing
+
+
+def test_private_addresses_need_the_switch(tmp_path, host, good):
+    host.file("/x.safetensors", good)
+    for entry, url in (
+        (f"127.0.0.1:{host.port}", f"{host.base}/x.safetensors"),
+        (f"localhost:{host.port}", f"http://localhost:{host.port}/x.safetensors"),
+    ):
+        closed = make(tmp_path, allowed_hosts=[entry], allow_private_addresses=False)
+        err = raises("LORA_SOURCE_FORBIDDEN", closed.fetch, url)
+        assert "private" in err.message and "127.0.0.1" not in err.message.replace(url, "")
+        assert host.counts["/x.safetensors"] == 0
+    assert make(tmp_path, allowed_hosts=[f"localhost:{host.port}"]).fetch(
+        f"http://localhost:{host.port}/x.safetensors"
+    ).bytes_downloaded == len(good)
+
+
+def test_download_once_then_cache_hit(tmp_path, host, good):
     src = make(tmp_path)
-    url = src.canonical(f"{base}/good-once.safetensors")
-    first = src.local_file(url)
-    assert first.parent == tmp_path / "cache"
-    assert first.name == hashlib.sha256(url.encode()).hexdigest() + ".safetensors"
-    assert first.read_bytes() == server.files["good"]
-    assert src.local_file(url) == first
-    assert server.counts[("GET", "/good-once.safetensors")] == 1
-    assert src.stats["url_downloads"] == 1 and src.stats["url_cache_hits"] == 1
-    assert src.stats["bytes_downloaded"] == len(server.files["good"])
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]  # no temp files left
+    url = src.canonical(host.file("/good-once.safetensors", good))
+    first = src.fetch(url)
+    assert (first.cached, first.bytes_downloaded) == (False, len(good))
+    assert cache_files(tmp_path) == [cache_key(url) + ".safetensors"]  # named by a hash: no client text on disk
+    assert src.fetch(url).cached and src.read(url).size == len(good)
+    assert host.counts["/good-once.safetensors"] == 1
+    assert src.stats["url_downloads"] == 1 and src.stats["bytes_downloaded"] == len(good)
 
 
-def test_redirect_and_retry_after_500(tmp_path, server, base):
+def test_same_host_redirect_and_retry_after_500(tmp_path, host, good):
     src = make(tmp_path)
-    assert src.local_file(f"{base}/redirect").read_bytes() == server.files["good"]
-    assert src.local_file(f"{base}/flaky").read_bytes() == server.files["good"]
-    assert server.counts[("GET", "/flaky")] == 2
+    host.file("/good-redirected", good)
+    assert src.read(host.route("/redirect", redirect("/good-redirected"))).size == len(good)
+    assert src.read(host.route("/flaky", flaky(good, failures=1))).size == len(good)
+    assert host.counts["/flaky"] == 2
 
 
-@pytest.mark.parametrize("path, code, reason", [
-    ("/missing", "LORA_DOWNLOAD_FAILED", "HTTP 404"),
-    ("/page", "LORA_DOWNLOAD_FAILED", "HTML"),
-    ("/page-octet", "LORA_DOWNLOAD_FAILED", "HTML"),
-    ("/big", "LORA_DOWNLOAD_FAILED", f"larger than {MAX_FILE} bytes"),
-    ("/big-stream", "LORA_DOWNLOAD_FAILED", f"larger than {MAX_FILE} bytes"),
-    ("/corrupt", "LORA_INVALID", "not a safetensors file"),
-])
-def test_download_failures_not_retried(tmp_path, server, base, path, code, reason):
+@pytest.mark.parametrize(
+    "path, answer, code, reason",
+    [
+        ("/missing", lambda h: h.send(404, b"nope", "text/plain"), "LORA_DOWNLOAD_FAILED", "HTTP 404"),
+        (
+            "/page",
+            lambda h: h.send(200, b"<html>a model page</html>", "text/html; charset=utf-8"),
+            "LORA_DOWNLOAD_FAILED",
+            "HTML",
+        ),
+        ("/page-octet", lambda h: h.send(200, b"\n<!DOCTYPE html><html></html>"), "LORA_DOWNLOAD_FAILED", "HTML"),
+        ("/big", lambda h: h.send(200, b"x" * (MAX_FILE + 1)), "LORA_DOWNLOAD_FAILED", f"larger than {MAX_FILE} bytes"),
+        (
+            "/big-stream",
+            stream_without_length(b"{" * 1024, MAX_FILE // 1024 + 8),
+            "LORA_DOWNLOAD_FAILED",
+            f"larger than {MAX_FILE} bytes",
+        ),
+        ("/corrupt", lambda h: h.send(200, os.urandom(4096)), "LORA_INVALID", "not a safetensors file"),
+    ],
+)
+def test_download_failures_not_retried(tmp_path, host, path, answer, code, reason):
     src = make(tmp_path)
-    err = raises(code, src.local_file, base + path)
-    assert reason in err.message and base + path in err.message  # names the URL, not a cache path
+    url = host.route(path, answer)
+    err = raises(code, src.fetch, url)
+    assert reason in err.message and url in err.message  # names the URL, not a cache path
     if code == "LORA_DOWNLOAD_FAILED":
-        assert err.details == {"url": base + path, "reason": err.details["reason"]}
-    assert server.counts[("GET", path)] == 1
-    assert list((tmp_path / "cache").iterdir()) == []  # nothing partial or invalid kept
+        assert err.details == {"url": url, "reason": err.details["reason"]}
+    assert host.counts[path] == 1
+    assert cache_files(tmp_path) == []  # nothing partial or invalid kept
 
 
-def test_timeout_retried_then_fails(tmp_path, server, base):
+def test_timeout_retried_then_fails(tmp_path, host, good):
     src = make(tmp_path)
-    before = server.counts[("GET", "/slow")]
-    err = raises("LORA_DOWNLOAD_FAILED", src.local_file, f"{base}/slow")
+    url = host.route("/slow", slow(good, 3 * TIMEOUT_S))
+    err = raises("LORA_DOWNLOAD_FAILED", src.fetch, url)
     assert f"timed out after {TIMEOUT_S:g} s" in err.message
-    assert server.counts[("GET", "/slow")] - before == 2  # download_retries attempts
+    assert host.counts["/slow"] == 2  # download_retries attempts
 
 
 def test_connection_refused(tmp_path):
@@ -294,104 +370,70 @@ def test_connection_refused(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    err = raises("LORA_DOWNLOAD_FAILED", make(tmp_path).local_file, f"http://127.0.0.1:{port}/x")
+    err = raises("LORA_DOWNLOAD_FAILED", make(tmp_path).fetch, f"http://127.0.0.1:{port}/x")
     assert "connection refused" in err.message
 
 
-def test_lru_eviction(tmp_path, server, base):
-    size = len(server.files["good"])
+def test_secret_query_values_never_show_in_messages(tmp_path, host):
+    url = host.route("/gone", lambda h: h.send(404, b""))
+    err = raises("LORA_DOWNLOAD_FAILED", make(tmp_path).fetch, url + "?type=Model&token=s3cr3t&X-Amz-Signature=abc")
+    assert "s3cr3t" not in err.message + str(err.details) and "abc" not in err.message
+    assert "type=Model" in err.message
+
+
+def test_lru_eviction(tmp_path, host, good):
+    size = len(good)
     src = make(tmp_path, cache_max_bytes=2 * size + 1)  # room for two files
-    a, b = (src.local_file(f"{base}/good-lru?{i}") for i in "ab")
-    os.utime(a, (time.time() - 100,) * 2)
-    os.utime(b, (time.time() - 50,) * 2)
-    src.local_file(f"{base}/good-lru?a")  # hit: a becomes the most recently used
-    c = src.local_file(f"{base}/good-lru?c")
-    assert a.exists() and c.exists() and not b.exists()
-    assert src.stats["cache_evictions"] == 1
-    tiny = make(tmp_path, cache_max_bytes=1)  # never evicts the file just downloaded
-    assert tiny.local_file(f"{base}/good-lru?d").exists()
+    host.file("/good-lru", good)
+    a, b = (src.canonical(f"{host.base}/good-lru?{i}") for i in "ab")
+    for url in (a, b):
+        src.fetch(url)
+    os.utime(src.cache.path(cache_key(a)), (time.time() - 100,) * 2)
+    os.utime(src.cache.path(cache_key(b)), (time.time() - 50,) * 2)
+    assert src.fetch(a).cached  # a hit: a becomes the most recently used
+    src.fetch(f"{host.base}/good-lru?c")
+    assert cache_files(tmp_path) == sorted(
+        cache_key(u) + ".safetensors" for u in (a, src.canonical(f"{host.base}/good-lru?c"))
+    )
+    assert src.cache.evictions == 1
 
 
-# ---- hf:// -----------------------------------------------------------------------------------
+def test_a_file_larger_than_the_whole_cache_is_refused(tmp_path, host, good):
+    src = make(tmp_path, cache_max_bytes=len(good) - 1)
+    err = raises("LORA_DOWNLOAD_FAILED", src.fetch, host.file("/x.safetensors", good))
+    assert "download cache has no room" in err.message and cache_files(tmp_path) == []
 
 
-@pytest.fixture
-def hub(monkeypatch, base):
-    """huggingface_hub talking to the local server (tests/conftest.py turns offline mode on)."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", base)
-    return base
-
-
-def test_hf_download_then_cache(tmp_path, server, hub):
-    src = make(tmp_path)
-    for source, key in (("hf://alice/lora/x.safetensors", "/alice/lora/resolve/main/x.safetensors"),
-                        ("hf://alice/lora@v1/sub/y.safetensors", "/alice/lora/resolve/v1/sub/y.safetensors")):
-        assert src.canonical(source) == source == src.canonical(source.replace("hf:", "HF:"))
-        path = src.local_file(source)
-        assert path.read_bytes() == server.files[f"hub:{key.rpartition('/resolve/')[2].partition('/')[2]}"]
-        assert (tmp_path / "cache" / "hf") in path.parents
-        before = dict(server.counts)
-        assert src.local_file(source) == path  # cache hit: no request at all
-        assert dict(server.counts) == before and before[("GET", key)] == 1
-    assert src.stats["url_downloads"] == 2 and src.stats["url_cache_hits"] == 2
-
-
-def test_hf_errors(tmp_path, server, hub, monkeypatch):
-    src = make(tmp_path)
-    err = raises("LORA_DOWNLOAD_FAILED", src.local_file, "hf://bob/none/x.safetensors")
-    assert "repository not found" in err.message and err.details["url"] == "hf://bob/none/x.safetensors"
-    assert "file not found" in raises("LORA_DOWNLOAD_FAILED", src.local_file, "hf://alice/lora/no.safetensors").message
-    raises("LORA_INVALID", src.local_file, "hf://alice/lora/bad.safetensors")
-    raises("LORA_INVALID", src.canonical, "hf://alice/lora/x.bin")
-    raises("LORA_SOURCE_FORBIDDEN", src.canonical, "hf://alice/x.safetensors")
-    raises("LORA_SOURCE_FORBIDDEN", make(tmp_path, hf_enabled=False).canonical, "hf://alice/lora/x.safetensors")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    err = raises("LORA_DOWNLOAD_FAILED", src.local_file, "hf://alice/lora/sub/y.safetensors")
-    assert "offline" in err.message
-
-
-def test_concurrent_threads_download_once(tmp_path, server, base):
+def test_concurrent_threads_download_once(tmp_path, host, good):
     from concurrent.futures import ThreadPoolExecutor
 
     src = make(tmp_path)
+    url = host.route("/good-threads", slow(good, 0.3))
     with ThreadPoolExecutor(4) as pool:
-        paths = set(pool.map(lambda _: src.local_file(f"{base}/good-threads"), range(4)))
-    assert len(paths) == 1 and server.counts[("GET", "/good-threads")] == 1
+        results = list(pool.map(lambda _: src.fetch(url), range(4)))
+    assert host.counts["/good-threads"] == 1
+    assert sum(r.bytes_downloaded for r in results) == len(good)
 
 
 def test_html_sniffing_spares_safetensors_starting_with_lt():
-    from serve_app.engine.lora_sources import _looks_like_html
-
     header = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'.ljust(0x3C)
-    assert not _looks_like_html(struct.pack("<Q", len(header)) + header)  # first byte is 0x3C == "<"
-    assert _looks_like_html(b"  <!doctype html><html>")
+    assert not looks_like_html(struct.pack("<Q", len(header)) + header)  # first byte is 0x3C == "<"
+    assert looks_like_html(b"  <!doctype html><html>")
 
 
-def test_hf_blobs_share_the_cache_cap(tmp_path, server, hub, base):
-    size = len(server.files["good"])
-    src = make(tmp_path, cache_max_bytes=size + 1)  # room for one file
-    blob = src.local_file("hf://alice/lora/x.safetensors")
-    src.local_file(f"{base}/good-after-hf")
-    assert not blob.exists() and src.stats["cache_evictions"] == 1
-    assert src.local_file("hf://alice/lora/x.safetensors").read_bytes() == server.files["good"]  # fetched again
-
-
-def test_an_unreadable_file_is_invalid_not_a_server_error(tmp_path):
-    if os.geteuid() == 0:
-        # root reads any file: make the path something that cannot be opened as a file instead
-        root = tmp_path / "root"
-        (root / "dir.safetensors").mkdir(parents=True)
-        sources = LoraSources(LoraArgs(root=str(root), cache_dir=str(tmp_path / "cache")))
+def test_messages_carry_no_server_path_pid_or_traceback(tmp_path, host, good):
+    src = make(tmp_path, cache_max_bytes=len(good) - 1)
+    (tmp_path / "root" / "bad.safetensors").write_bytes(b"\x93" * 50)
+    cases = [
+        ("bad.safetensors",),
+        (host.file("/x.safetensors", good),),
+        ("missing.safetensors",),
+        (host.route("/garbage", lambda h: h.wfile.write(b"NOT HTTP\r\n\r\n")),),
+    ]
+    for args in cases:
         with pytest.raises(ApiError) as info:
-            sources.validate_file(root / "dir.safetensors", label="dir.safetensors")
-    else:
-        root = tmp_path / "root"
-        root.mkdir()
-        locked = root / "locked.safetensors"
-        locked.write_bytes(b"x" * 64)
-        locked.chmod(0)
-        sources = LoraSources(LoraArgs(root=str(root), cache_dir=str(tmp_path / "cache")))
-        with pytest.raises(ApiError) as info:
-            sources.validate_file(locked, label="locked.safetensors")
-    assert info.value.code == "LORA_INVALID"
+            src.read(*args)
+        text = info.value.message + repr(info.value.details)
+        for leak in (str(tmp_path), str(os.getpid()), "Traceback", "/tmp", "Errno"):
+            assert leak not in text, (leak, text)
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)

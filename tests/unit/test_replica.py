@@ -213,7 +213,7 @@ def test_lora_sets_are_cached_and_the_least_recent_is_unloaded(fresh_spy, lora_r
     # {a} loads style (then a hit), {b} loads other; the stack evicts {a} first (as Serve's LRU does),
     # which unloads style, then loads style again and shares other with {b}.
     assert state.adapter_loads == 3
-    assert state.loaded_sources == sorted([a.source, b.source])
+    assert state.loaded == sorted([a.key, b.key])
     assert len(state.adapters) == 2
 
 
