@@ -302,7 +302,9 @@ class GeneratorReplica:
             if len(items) == 1:
                 logger.exception("generation failed for %s[%d]", items[0].request_id, items[0].index)
                 self.observer.item_failed(errors.GENERATION_FAILED)
-                return [ApiError(errors.GENERATION_FAILED, f"generation failed: {type(exc).__name__}: {exc}"[:500])]
+                # The exception's text stays in the log: it may name paths or internals.
+                return [ApiError(errors.GENERATION_FAILED,
+                                 f"generation failed ({type(exc).__name__}); the server log has the detail")]
             # The call is shared: find the item at fault by running each alone.
             logger.warning("a call of %d items failed (%s); retrying them one by one", len(items), exc)
             outcomes: list[_Generated | ApiError] = []
