@@ -43,6 +43,14 @@ class AdapterWeight:
     weight: float
 
 
+@dataclass(frozen=True)
+class CallMode:
+    """How an engine runs a call, for the result's metadata (SPEC section 7)."""
+
+    speed_tier: str  # exact | compiled | fp8
+    lora_mode: str  # peft (PEFT adapters, eager) | slot (the compile-stable LoRA slot)
+
+
 def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,6 +83,8 @@ def load_flux_pipeline(source: str, device: str, revision: str | None = None) ->
 
 class FluxEngine:
     """Owns one FluxPipeline: adapters in, images out. Not thread-safe: callers serialize."""
+
+    speed_tier = "exact"
 
     def __init__(self, pipe: FluxPipeline, device: str, fault_injection: bool = False):
         self.pipe = pipe
@@ -171,6 +181,10 @@ class FluxEngine:
             return
         self.pipe.enable_lora()
         self.pipe.set_adapters([a.name for a in adapters], adapter_weights=[a.weight for a in adapters])
+
+    def describe_call(self, adapters: Sequence[AdapterWeight]) -> CallMode:
+        """The speed tier and LoRA mode a call with `adapters` runs in (the exact tier: always PEFT)."""
+        return CallMode(self.speed_tier, "peft")
 
     def _lora_components(self):
         for name in self.pipe._lora_loadable_modules:
