@@ -44,8 +44,9 @@ class CompileCounter:
         self.recompiles = 0  # compiles of a frame that already had compiled code (frame_compile_id > 0)
         self._handler.register_start_callback(self._on_start)
 
-    def _on_start(self, args) -> None:
-        match = _COMPILE_ID.match(str(args.compile_id))
+    def _on_start(self, args=None) -> None:
+        # CallbackArgs (torch >= 2.7) carries the compile id "frame/attempt"; without it, count only.
+        match = _COMPILE_ID.match(str(getattr(args, "compile_id", "")))
         with self._lock:
             self.compiles += 1
             if match is not None and int(match.group(2)) > 0:
