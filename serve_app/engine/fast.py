@@ -219,7 +219,9 @@ class CompiledFluxEngine(FluxEngine):
     def adapter_module_count(self, name: str) -> int:
         if name in self.slot_weights:
             return len(self.slot_weights.get(name).factors)
-        return self.overflow.files[name].matched_modules
+        if name in self.overflow.files:
+            return self.overflow.files[name].matched_modules
+        return 0
 
     def layer_adapter_names(self) -> set[str]:
         return super().layer_adapter_names() - {SLOT_ADAPTER}
