@@ -463,7 +463,7 @@ def markdown(result: dict) -> str:
               "amortizes it, which is why (c) beats even the bare engine there.",
               "- Calibration ratios move by about ±0.1 between runs; the budget rule reads them with a tolerance. "
               "This is the small model on a CPU: on a GPU, batching pays at larger sizes, so deploy/flux-dev.yaml "
-              "sets its own budget (bench/flux_dev_gpu.py measures it)."]
+              "sets its own budget (bench/flux_fast_gpu.py measures it)."]
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,7 @@ from serve_app import errors
 from serve_app.batch_gate import BatchGate
 from serve_app.config import BatchSettings
 from serve_app.engine.adapters import AdapterCache, LoraSet
-from serve_app.engine.base import Engine, GenerationInterrupted
+from serve_app.engine.base import CallMode, CompileStats, Engine, GenerationInterrupted
 from serve_app.engine.batching import plan_calls
 from serve_app.engine.downloader import Downloader
 from serve_app.engine.images import encode_image
@@ -69,6 +69,8 @@ class ReplicaObserver:
     def lora_set_evicted(self) -> None: ...
 
     def lora_fetched(self, cache_hits: int, bytes_downloaded: int) -> None: ...
+
+    def compiled(self, stats: CompileStats) -> None: ...
 
 
 class LoraSets(Protocol):
@@ -152,6 +154,7 @@ class _Generated:
     image: Image.Image
     seconds: float
     lora_modules: tuple[tuple[str, int], ...]
+    mode: CallMode
 
 
 class GeneratorReplica:
@@ -298,6 +301,8 @@ class GeneratorReplica:
             return await self._on(self._engine_thread, self._generate_call, items)
         except GenerationInterrupted:
             return [self._dead_error(item) for item in items]
+        except ApiError as exc:  # the engine refused the call's LoRA set (a tier that rejects overflow)
+            return [exc for _ in items]
         except Exception as exc:
             if len(items) == 1:
                 logger.exception("generation failed for %s[%d]", items[0].request_id, items[0].index)
@@ -315,14 +320,17 @@ class GeneratorReplica:
     def _generate_call(self, items: list[WorkItem]) -> list[_Generated]:
         """One pipeline call, on the engine thread, while the lock is held."""
         key = items[0].key
+        adapters = self.adapters.weights(key.loras)
+        mode = self.engine.describe_call(adapters)
         start = time.perf_counter()
-        images = self.engine.generate(
-            items, self.adapters.weights(key.loras), should_stop=lambda: all(self._is_dead(i) for i in items)
-        )
+        images = self.engine.generate(items, adapters, should_stop=lambda: all(self._is_dead(i) for i in items))
         seconds = time.perf_counter() - start
         self.observer.call_done(key, len(items), seconds)
+        stats = self.engine.compile_stats()
+        if stats is not None:
+            self.observer.compiled(stats)
         lora_modules = tuple((u.key, self.adapters.matched_modules(u.key)) for u in key.loras)
-        return [_Generated(image, seconds / len(items), lora_modules) for image in images]
+        return [_Generated(image, seconds / len(items), lora_modules, mode) for image in images]
 
     def _encode_later(self, items: Sequence[WorkItem], done: list[tuple[int, _Generated]]) -> asyncio.Future:
         """Encode a call's images on a worker thread; the future gives their outcomes in order."""
@@ -347,6 +355,8 @@ class GeneratorReplica:
             data=data,
             seconds=generated.seconds,
             lora_modules=generated.lora_modules,
+            speed_tier=generated.mode.speed_tier,
+            lora_mode=generated.mode.lora_mode,
         )
 
     # ---- state -------------------------------------------------------------------------------

@@ -162,6 +162,8 @@ class ResultMetadata(BaseModel):
     base_model: str
     loras: list[LoraReport] = Field(default_factory=list)
     inference_time: float | None = Field(None, description="Seconds from the start of work to the end")
+    speed_tier: str | None = Field(None, description="exact, compiled or fp8: the model's tier that drew the images")
+    lora_mode: str | None = Field(None, description="peft (separate adapters) or slot (the compiled tiers' LoRA slot)")
 
 
 class ImageOutputs(BaseModel):

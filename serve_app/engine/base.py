@@ -33,6 +33,23 @@ class AdapterWeight:
     weight: float
 
 
+@dataclass(frozen=True)
+class CallMode:
+    """How an engine runs a call, for the result's metadata (SPEC section 7)."""
+
+    speed_tier: str  # exact | compiled | fp8
+    lora_mode: str  # peft (PEFT adapters, eager) | slot (the compile-stable LoRA slot)
+
+
+@dataclass(frozen=True)
+class CompileStats:
+    """The recompile metric of a compiled engine: Dynamo compiles since start, and since warm-up."""
+
+    compiles: int
+    recompiles: int  # compiles of a frame that already had compiled code
+    since_warmup: int | None  # None before warm-up
+
+
 class Engine(Protocol):
     device: str
 
@@ -49,6 +66,19 @@ class Engine(Protocol):
 
     def adapter_names(self) -> set[str]:
         """The adapters loaded now."""
+
+    def describe_call(self, adapters: Sequence[AdapterWeight]) -> CallMode:
+        """The speed tier and LoRA mode a call with these adapters runs in.
+
+        Raises:
+            ApiError: LORA_INCOMPATIBLE when the engine refuses to run the set at all.
+        """
+
+    def warmup(self) -> None:
+        """Prepare before the replica reports healthy (a compiled engine compiles its shapes)."""
+
+    def compile_stats(self) -> CompileStats | None:
+        """Compiles so far (None for an engine that does not compile)."""
 
     def generate(
         self,

@@ -9,7 +9,7 @@ from serve_app.engine.base import Engine
 
 
 def build_engine(model: ModelArgs) -> Engine:
-    """Load the engine that serves `model`.
+    """Load the engine that serves `model`, by its kind and speed tier.
 
     `model.engine` (tests only) names a class built in place of the kind's engine through its
     `from_args(model)`; tests use it to wrap the real engine with fault injection and call records.
@@ -17,6 +17,8 @@ def build_engine(model: ModelArgs) -> Engine:
     if model.engine is not None:
         module_name, _, attribute = model.engine.partition(":")
         return getattr(importlib.import_module(module_name), attribute).from_args(model)
-    from serve_app.engine.pipeline import FluxEngine
+    from serve_app.engine.fast import load_engine
+    from serve_app.engine.speed import SpeedArgs
 
-    return FluxEngine.from_args(model)
+    # `exact` is FluxEngine; `compiled` and `fp8` the CompiledFluxEngine (fp8 refused on hardware without it)
+    return load_engine(model.source, model.device, model.revision, SpeedArgs.of(model), model.dtype)

@@ -22,7 +22,14 @@ from PIL import Image
 
 from serve_app import errors
 from serve_app.config import TINY_SOURCE, ModelArgs
-from serve_app.engine.base import AdapterWeight, GenerationInterrupted, StepCallback, StopCheck
+from serve_app.engine.base import (
+    AdapterWeight,
+    CallMode,
+    CompileStats,
+    GenerationInterrupted,
+    StepCallback,
+    StopCheck,
+)
 from serve_app.engine.lora_files import LoraFile
 from serve_app.engine.source_errors import display_source
 from serve_app.engine.workitems import WorkItem
@@ -81,6 +88,8 @@ def _adapter_config(metadata: dict[str, str]) -> dict | None:
 
 class FluxEngine:
     """Owns one FluxPipeline: adapters in, images out. Not thread-safe: callers serialize."""
+
+    speed_tier = "exact"
 
     def __init__(self, pipe: FluxPipeline, device: str):
         self.pipe = pipe
@@ -188,6 +197,16 @@ class FluxEngine:
             return
         self.pipe.enable_lora()
         self.pipe.set_adapters([a.name for a in adapters], adapter_weights=[a.weight for a in adapters])
+
+    def describe_call(self, adapters: Sequence[AdapterWeight]) -> CallMode:
+        """The speed tier and LoRA mode a call with `adapters` runs in (the exact tier: always PEFT)."""
+        return CallMode(self.speed_tier, "peft")
+
+    def warmup(self) -> None:
+        """Nothing to prepare: the exact tier runs eager."""
+
+    def compile_stats(self) -> CompileStats | None:
+        return None
 
     def _lora_components(self):
         for name in self.pipe._lora_loadable_modules:

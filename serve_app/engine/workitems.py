@@ -94,6 +94,8 @@ class ItemResult:
     data: bytes = field(repr=False)
     seconds: float = 0.0
     lora_modules: tuple[tuple[str, int], ...] = ()  # (LoRA key, matched module count)
+    speed_tier: str = "exact"  # the engine's tier that drew it (SPEC section 7)
+    lora_mode: str = "peft"  # peft | slot
 
 
 def lora_set_id(sources: Iterable[str]) -> str:

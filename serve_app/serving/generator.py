@@ -73,8 +73,10 @@ class FluxGenerator:
             torch.set_num_threads(model.torch_threads)
         self.model = model
         self.metrics = GeneratorMetrics(model.id)
+        engine = build_engine(model)
+        engine.warmup()  # a compiled engine compiles its warm-up shapes before the replica reports healthy
         self.replica = GeneratorReplica(
-            build_engine(model),
+            engine,
             LoraSources(loras),
             model.batching,
             max_lora_sets=loras.max_adapters_per_replica,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
+from serve_app.engine.base import CompileStats
 from serve_app.engine.workitems import BatchKey
 from serve_app.replica import ReplicaObserver
 
@@ -43,6 +44,10 @@ class GeneratorMetrics(ReplicaObserver):
         self.bytes_downloaded = metrics.Counter(
             "flux_lora_bytes_downloaded", "Bytes of LoRA files downloaded", tag_keys=("model",)
         )
+        self.compiles = metrics.Gauge("flux_compiles", "torch.compile compiles in this replica", tag_keys=("model",))
+        self.recompiles_after_warmup = metrics.Gauge(
+            "flux_recompiles_after_warmup", "Compiles since the warm-up ended (0 is the goal)", tag_keys=("model",)
+        )
         for metric in vars(self).values():
             metric.set_default_tags({"model": model})
 
@@ -64,6 +69,11 @@ class GeneratorMetrics(ReplicaObserver):
 
     def lora_set_evicted(self) -> None:
         self.lora_evictions.inc()
+
+    def compiled(self, stats: CompileStats) -> None:
+        self.compiles.set(stats.compiles)
+        if stats.since_warmup is not None:
+            self.recompiles_after_warmup.set(stats.since_warmup)
 
     def lora_fetched(self, cache_hits: int, bytes_downloaded: int) -> None:
         if cache_hits:

@@ -38,7 +38,8 @@ def inline_image(result: ItemResult) -> InlineImage:
 
 
 def with_matched_modules(metadata: ResultMetadata, result: ItemResult) -> ResultMetadata:
-    """The request's LoRAs, each with how many model modules its file matched (all items share them)."""
+    """The metadata completed from a result: each LoRA with how many model modules its file matched (all
+    items share them), and the speed tier and LoRA mode that drew the images."""
     loras = [lora.model_copy(update={"matched_modules": matched})
              for lora, (_, matched) in zip(metadata.loras, result.lora_modules)]
-    return metadata.model_copy(update={"loras": loras})
+    return metadata.model_copy(update={"loras": loras, "speed_tier": result.speed_tier, "lora_mode": result.lora_mode})

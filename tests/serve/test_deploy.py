@@ -48,6 +48,20 @@ def test_gpu_config_autoscales_generators_on_gpus():
     assert deployments["FluxIngress"].num_replicas >= 2
 
 
+@pytest.mark.parametrize("path", CONFIGS)
+def test_flux_stays_the_exact_reference_model_everywhere(path):
+    config = yaml.safe_load((ROOT / path).read_text())
+    args = AppArgs.model_validate(config["applications"][0]["args"])
+    flux = args.model("flux")
+    assert flux is not None and flux.kind == "reference" and flux.speed == "exact"
+
+
+def test_the_cluster_config_adds_a_compiled_model_beside_flux():
+    config = yaml.safe_load((ROOT / "deploy/flux-dev.yaml").read_text())
+    args = AppArgs.model_validate(config["applications"][0]["args"])
+    assert args.model("flux-fast").speed == "compiled"
+
+
 def test_the_cluster_config_requires_an_api_key(monkeypatch):
     """flux-dev.yaml listens on every node and fetches remote LoRAs: it must not start without a key."""
     from serve_app.serving.guards import load_api_key

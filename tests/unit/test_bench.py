@@ -1,6 +1,8 @@
-"""The benchmark's arithmetic: percentiles, windows, and the pixel budget rule."""
+"""The benchmarks: their arithmetic (percentiles, windows, the pixel budget rule) and the GPU script's smoke run."""
 
 from __future__ import annotations
+
+import json
 
 from bench.compare import choose_pixel_budget
 from bench.load import Run, Sample, Shape, parse_shapes, percentile, summarize
@@ -33,3 +35,28 @@ def test_the_budget_is_the_largest_call_size_with_no_loss_at_or_below_it():
             {"call_pixels": 8 * 256 * 256, "per_image_ratio": 1.0}]  # as large as a losing call: out
     assert choose_pixel_budget(rows, tolerance=1.02) == 4 * 256 * 256
     assert choose_pixel_budget(rows, tolerance=1.0) == 2 * 128 * 128
+
+
+def test_the_gpu_benchmark_runs_every_phase_in_smoke_mode(tmp_path):
+    """`bench/flux_fast_gpu.py --smoke`: every phase on the small model, so the device script cannot rot.
+
+    Dynamo's `eager` backend keeps this quick; test_fast_engine covers `aot_eager` (the smoke default).
+    """
+    import torch
+
+    from bench import flux_fast_gpu
+
+    threads = torch.get_num_threads()
+    try:
+        flux_fast_gpu.main(["--smoke", "--backend", "eager", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # the smoke plan runs on one thread
+    report = json.loads((tmp_path / "flux_fast_gpu.json").read_text())
+    assert report["errors"] == {} and report["skipped"] == {}
+    phases = report["phases"]
+    assert phases["exact"]["s_per_image"] > 0 and phases["compiled"]["s_per_image"] > 0
+    assert phases["fp8"]["s_per_image"] is None and "compute capability" in phases["fp8"]["reason"]
+    assert report["recompiles_after_warmup"] == 0 and report["recompiles_new_shapes"] == 0
+    assert report["slot_vs_peft_max_abs"] <= 1e-5 and report["swap_changes_image"]
+    assert report["swap_s"] >= 0 and report["compile_s"] > 0 and "peak_gib" in report
+    assert (tmp_path / "flux_fast_gpu.md").read_text().startswith("Device: cpu")

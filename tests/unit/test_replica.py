@@ -230,3 +230,19 @@ def test_a_bad_lora_file_fails_only_its_item_before_the_batch(spy, lora_root):
     error, fine = asyncio.run(go())
     assert isinstance(error, ApiError) and error.code == errors.LORA_NOT_FOUND
     assert fine is None
+
+
+def test_results_name_the_speed_tier_and_lora_mode_that_drew_them(tiny_dir, lora_root):
+    """The exact tier runs PEFT adapters; the compiled tier writes the set into its slot (SPEC section 7)."""
+    from serve_app.engine.fast import CompiledFluxEngine
+    from serve_app.engine.speed import SpeedArgs, WarmupShape
+
+    speed = SpeedArgs(speed="compiled", compile_backend="eager", lora_slot_rank=8, torch_threads=1,
+                      warmup_shapes=(WarmupShape(width=64, height=64),), warmup_steps=1)
+    compiled = CompiledFluxEngine.load(str(tiny_dir), "cpu", speed=speed)
+    style = (LoraUse("aitk/style.safetensors", 0.7),)
+    exact_out = run(make_replica(SpyEngine(FluxEngine.load(str(tiny_dir), device="cpu")), lora_root),
+                    [item("e", loras=style)])[0]
+    compiled_out = run(make_replica(compiled, lora_root), [item("c", loras=style)])[0]
+    assert (exact_out.speed_tier, exact_out.lora_mode) == ("exact", "peft")
+    assert (compiled_out.speed_tier, compiled_out.lora_mode) == ("compiled", "slot")
