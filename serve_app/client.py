@@ -2,10 +2,14 @@
 
     python -m serve_app.client "[trigger] a photo of a person" --trigger sks \\
         --lora demo/demo_lora.safetensors --out person.jpg
+    python -m serve_app.client preview --config my_job.yaml --lora my_job/my_job.safetensors --out previews/
 
-Sends one prompt (repeat --prompt-file lines for several) to /v1/generate, or with --async to
-/v1/inference, polling until the job ends; writes the images next to --out. The API key, if the
-server wants one, comes from the FLUX_SERVE_API_KEY environment variable.
+The first sends one prompt to /v1/generate, or with --async to /v1/inference, polling until the job
+ends, and writes the image to --out. `preview` reads an ai-toolkit job config (its trigger word,
+`sample:` section, `model.quantize` and name) and asks /v1/previews for the run's sample grid, on
+the preview model that matches the run (`flux-preview` when quantized, else `flux-preview-bf16`);
+the LoRA is a source the server can read (nothing is uploaded). The API key, if the server wants
+one, comes from the FLUX_SERVE_API_KEY environment variable.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ def run_sync(client: httpx.Client, body: dict) -> list[tuple[dict, bytes]]:
     return [(image, base64.b64decode(image["data"])) for image in answer.json()["images"]]
 
 
-def run_async(client: httpx.Client, body: dict, poll_s: float = 0.5) -> list[tuple[dict, bytes]]:
-    answer = client.post("/v1/inference", json=body)
+def run_async(client: httpx.Client, body: dict, poll_s: float = 0.5, path: str = "/v1/inference"
+              ) -> list[tuple[dict, bytes]]:
+    answer = client.post(path, json=body)
     _raise_for_error(answer)
     request_id = answer.json()["request_id"]
     while True:
@@ -63,7 +68,63 @@ def _raise_for_error(answer: httpx.Response) -> None:
         raise SystemExit(f"HTTP {answer.status_code}: {message}")
 
 
+def preview_request(config: dict, lora: str | None, model: str | None, output_format: str) -> dict:
+    """The /v1/previews body for an ai-toolkit job config (as yaml.safe_load reads the job file).
+
+    Raises:
+        ValueError: the file is not an ai-toolkit job config with a `sample:` section.
+    """
+    job = config.get("config") if isinstance(config, dict) else None
+    processes = job.get("process") if isinstance(job, dict) else None
+    if not processes or not isinstance(processes[0], dict) or not isinstance(processes[0].get("sample"), dict):
+        raise ValueError("not an ai-toolkit job config: expected config.process[0].sample")
+    process = processes[0]
+    quantized = bool((process.get("model") or {}).get("quantize", False))
+    body = {"model": model or ("flux-preview" if quantized else "flux-preview-bf16"), "sample": process["sample"],
+            "output_format": output_format}
+    for field, value in (("lora", lora), ("trigger_word", process.get("trigger_word")), ("job_name", job.get("name"))):
+        if value:
+            body[field] = value
+    return body
+
+
+def run_preview(argv: list[str]) -> None:
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m serve_app.client preview",
+                                     description="Reproduce an ai-toolkit run's sample previews")
+    parser.add_argument("--config", required=True, help="the ai-toolkit job config (YAML)")
+    parser.add_argument("--lora", help="the LoRA, as the server reads it: a path under its LoRA root, a URL or hf://")
+    parser.add_argument("--model", help="the preview model (default: from the config's model.quantize)")
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--format", choices=["jpeg", "png", "webp"], default="jpeg")
+    parser.add_argument("--out", default="previews", help="directory for the images")
+    args = parser.parse_args(argv)
+    with open(args.config) as f:
+        body = preview_request(yaml.safe_load(f), args.lora, args.model, args.format)
+    with httpx.Client(base_url=args.url, headers=_auth_headers(), timeout=600) as client:
+        images = run_async(client, body, path="/v1/previews")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = body.get("job_name", "preview")
+    extension = {"jpeg": "jpg"}.get(args.format, args.format)
+    for image, data in images:
+        path = out / f"{stem}_{image['index']:02d}.{extension}"
+        path.write_bytes(data)
+        effective = image.get("effective") or {}
+        print(f"{path}: {image['width']}x{image['height']} seed {image['seed']} {effective.get('prompt', '')!r}",
+              file=sys.stderr)
+
+
+def _auth_headers() -> dict:
+    key = os.environ.get("FLUX_SERVE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["preview"]:
+        return run_preview(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -81,10 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="image.jpg")
     args = parser.parse_args(argv)
 
-    headers = {}
-    if os.environ.get("FLUX_SERVE_API_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['FLUX_SERVE_API_KEY']}"
-    with httpx.Client(base_url=args.url, headers=headers, timeout=600) as client:
+    with httpx.Client(base_url=args.url, headers=_auth_headers(), timeout=600) as client:
         body = build_request(args)
         images = run_async(client, body) if args.use_async else run_sync(client, body)
     out = Path(args.out)

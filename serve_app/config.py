@@ -118,8 +118,10 @@ class ModelArgs(StrictModel):
     """One served model: its own generator deployment, `FluxGenerator-<id>`."""
 
     id: ModelId = Field("flux", description="The `model` value clients send; names the deployment")
-    kind: Literal["reference"] = Field(
-        "reference", description="`reference`: diffusers' FluxPipeline called as the reference server calls it"
+    kind: Literal["reference", "preview"] = Field(
+        "reference",
+        description="`reference`: diffusers' FluxPipeline called as the reference server calls it; `preview`: "
+        "ai-toolkit's training preview of a LoRA (its prompt flags, bf16, LoRA merged or as an fp32 branch)",
     )
     description: str = Field("FLUX.1-dev as the reference server runs it", description="One line for GET /v1/models")
     source: str = Field(
@@ -143,6 +145,10 @@ class ModelArgs(StrictModel):
         "a compile-stable LoRA slot; fp8: compiled with fp8 Linears (CUDA compute capability >= 8.9)"
     )
     fast_path: FastPathArgs = Field(default_factory=FastPathArgs, description="Settings of compiled and fp8")
+    quantize: bool = Field(
+        True, description="Preview models: ai-toolkit's `quantize` (qfloat8 transformer and T5, the trainer UI's "
+        "default); false previews an unquantized bf16 run"
+    )
     engine: ImportPath | None = Field(
         None, description="Test only: `module:Class` built in place of the kind's engine (its `from_args(model)`)"
     )
@@ -150,6 +156,12 @@ class ModelArgs(StrictModel):
     @property
     def deployment_name(self) -> str:
         return GENERATOR_PREFIX + self.id
+
+    @model_validator(mode="after")
+    def _previews_run_exact(self) -> ModelArgs:
+        if self.kind == "preview" and self.speed != "exact":
+            raise ValueError(f"model {self.id!r}: a preview model reproduces ai-toolkit's path; speed must be exact")
+        return self
 
 
 class Limits(StrictModel):

@@ -197,6 +197,7 @@ class GeneratorReplica:
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-engine")
         self.downloader = Downloader(sources)
         self._tokens: OrderedDict[str, str] = OrderedDict()  # LoRA key -> the request's hf_token
+        self._max_per_call = engine.max_images_per_call  # a preview model: one, as ai-toolkit draws them
 
     def configure(self, settings: BatchSettings) -> None:
         self.settings = settings
@@ -255,7 +256,7 @@ class GeneratorReplica:
         encodings: list[tuple[list[int], asyncio.Future]] = []
         outcomes: list[Outcome | None] = [None] * len(items)
         try:
-            for call in plan_calls([item.key for item in items], self.settings.pixel_budget):
+            for call in plan_calls([item.key for item in items], self.settings.pixel_budget, self._max_per_call):
                 generated = await self._run_call([items[i] for i in call])
                 for i, result in zip(call, generated):
                     if isinstance(result, ApiError):
@@ -322,6 +323,8 @@ class GeneratorReplica:
         key = items[0].key
         adapters = self.adapters.weights(key.loras)
         mode = self.engine.describe_call(adapters)
+        if key.lora_mode and key.loras:  # a preview request's own choice (merged or hook)
+            mode = CallMode(mode.speed_tier, key.lora_mode)
         start = time.perf_counter()
         images = self.engine.generate(items, adapters, should_stop=lambda: all(self._is_dead(i) for i in items))
         seconds = time.perf_counter() - start
@@ -357,6 +360,10 @@ class GeneratorReplica:
             lora_modules=generated.lora_modules,
             speed_tier=generated.mode.speed_tier,
             lora_mode=generated.mode.lora_mode,
+            prompt=item.prompt,
+            steps=item.key.steps,
+            guidance=item.key.guidance,
+            multiplier=item.key.loras[0].multiplier if item.key.loras else None,
         )
 
     # ---- state -------------------------------------------------------------------------------

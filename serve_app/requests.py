@@ -1,8 +1,10 @@
-"""Request → work items: every rule of SPEC section 1 past the schema, as one pure function.
+"""Request → work items: every rule of SPEC sections 1 and 6 past the schema, as one pure function.
 
-`build_work_items` returns one work item per prompt or raises an `ApiError` with its code. It
-applies the reference's rules (notes/reference.md sections 1-2): the model, operator limits,
-trigger word, floor to 16, defaults and seeds. No Ray, no torch.
+`build_work_items` returns one work item per prompt or raises an `ApiError` with its code. For a
+reference model it applies the reference's rules (notes/reference.md sections 1-2): the model,
+operator limits, trigger word, floor to 16, defaults and seeds. For a preview model it applies
+ai-toolkit's (preview_flags): `[name]` and `[trigger]`, prompt flags, sizes floored to 8 then 16,
+one LoRA, and the merge-or-hook choice made per request. No Ray, no torch.
 """
 
 from __future__ import annotations
@@ -10,18 +12,23 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from pydantic import ValidationError
+
 from serve_app import errors
 from serve_app.config import AppArgs, ModelArgs
 from serve_app.engine.hf_sources import SCHEME as HF_SCHEME
 from serve_app.engine.hf_sources import HfToken
 from serve_app.engine.workitems import BatchKey, LoraUse, WorkItem
 from serve_app.errors import ApiError, validation_error
+from serve_app.preview_flags import PromptFlagError, choose_lora_mode, resolve_preview_settings
 from serve_app.schemas import (
     DEFAULT_MULTIPLIER,
     DEFAULT_SEED,
     DEFAULT_SIZE,
     RESOLUTION_DIVISOR,
     InferenceRequest,
+    LoraItem,
+    PreviewRequest,
     PromptItem,
 )
 
@@ -73,7 +80,10 @@ def build_work_items(
     model = find_model(request.model, args)
     _check_request_limits(request, args)
     loras = _lora_uses(request, model, args, resolve_lora)
-    items = [_work_item(request, prompt, i, loras, model, request_id) for i, prompt in enumerate(request.prompts)]
+    if model.kind == "preview":
+        items = _preview_items(request, loras, model, request_id)
+    else:
+        items = [_work_item(request, prompt, i, loras, model, request_id) for i, prompt in enumerate(request.prompts)]
     _check_work(items, args)
     return items
 
@@ -116,10 +126,11 @@ def _lora_uses(
     if args.strict_reference and not request.loras:
         raise ApiError(errors.LORA_FILE_REQUIRED, "at least one LoRA is required (strict_reference)",
                        {"field": "loras"})
-    if args.strict_reference and len(request.loras) > 1:
+    if (args.strict_reference or model.kind == "preview") and len(request.loras) > 1:
+        why = "a preview is of one LoRA file" if model.kind == "preview" else "strict_reference"
         raise ApiError(
             errors.SINGLE_LORA_ONLY,
-            f"model {model.id!r} takes a single LoRA (strict_reference); got {len(request.loras)}",
+            f"model {model.id!r} takes a single LoRA ({why}); got {len(request.loras)}",
             {"field": "loras", "count": len(request.loras)},
         )
     digest = _token_digest(request)
@@ -176,6 +187,74 @@ def _work_item(
         neg=p.neg or "",
         output_format=request.output_format,
     )
+
+
+def _preview_items(
+    request: InferenceRequest, loras: tuple[LoraUse, ...], model: ModelArgs, request_id: str
+) -> list[WorkItem]:
+    """A preview model's items: each prompt as ai-toolkit's sample() and GenerateImageConfig read it."""
+    settings = [_preview_settings(request, p, i, loras, model) for i, p in enumerate(request.prompts)]
+    # ai-toolkit merges the LoRA for a whole grid when unquantized and every image has one multiplier.
+    mode = choose_lora_mode(model.quantize, [s.multiplier for s in settings]) if loras else ""
+    items = []
+    for i, (p, s) in enumerate(zip(request.prompts, settings)):
+        uses = tuple(LoraUse(u.source, s.multiplier, u.token_digest) for u in loras)
+        key = BatchKey(model=model.id, width=s.width, height=s.height, steps=s.steps, guidance=s.guidance,
+                       loras=uses, lora_mode=mode)
+        items.append(WorkItem(request_id=request_id, index=i, prompt=s.prompt, seed=s.seed, key=key,
+                              neg=p.neg or "", output_format=request.output_format))
+    return items
+
+
+def _preview_settings(request: InferenceRequest, p: PromptItem, index: int, loras: tuple[LoraUse, ...],
+                      model: ModelArgs):
+    multiplier = p.network_multiplier if p.network_multiplier is not None else (
+        loras[0].multiplier if loras else DEFAULT_MULTIPLIER)
+    try:
+        return resolve_preview_settings(
+            p.prompt,
+            width=DEFAULT_SIZE if p.width is None else p.width,
+            height=DEFAULT_SIZE if p.height is None else p.height,
+            steps=model.default_steps if p.sample_steps is None else p.sample_steps,
+            guidance=model.default_guidance_scale if p.guidance_scale is None else float(p.guidance_scale),
+            seed=resolve_seed(p.seed, index),
+            multiplier=multiplier,
+            trigger_word=p.trigger_word if p.trigger_word is not None else request.trigger_word,
+            job_name=request.job_name,
+        )
+    except PromptFlagError as exc:  # a flag's value is checked like the field it overrides
+        raise validation_error(["body", "prompts", index, exc.field],
+                               f"the prompt's --{exc.flag} {exc.value!r} {exc.reason}") from None
+    except ValueError as exc:  # a job name that breaks ai-toolkit's config text
+        raise validation_error(["body", "job_name"], str(exc)) from None
+
+
+def preview_request(preview: PreviewRequest) -> InferenceRequest:
+    """A training run's sample grid (`POST /v1/previews`) as one request to a preview model.
+
+    As ai-toolkit's `sample()`: each prompt (or `samples` entry) at the section's size, steps,
+    guidance and multiplier, seeded `seed` for all, or `seed + i` with `walk_seed`; a `samples`
+    entry's own values win, and a prompt's flags win over both (GenerateImageConfig).
+    """
+    section = preview.sample
+    entries = [{"prompt": text} for text in section.prompts] + [
+        sample.model_dump(exclude_none=True) for sample in section.samples]
+    neg = section.neg if isinstance(section.neg, str) else ""
+    prompts = []
+    for i, entry in enumerate(entries):
+        seed = section.seed + i if section.walk_seed else section.seed
+        fields = {"width": section.width, "height": section.height, "sample_steps": section.sample_steps,
+                  "guidance_scale": section.guidance_scale, "neg": neg,
+                  "network_multiplier": section.network_multiplier, "seed": seed, **entry}
+        try:
+            prompts.append(PromptItem.model_validate(fields))
+        except ValidationError as exc:  # only a walked seed can leave the bounds its section was checked to
+            problem = exc.errors()[0]
+            raise validation_error(["body", "sample", "seed"], f"sample {i}: {problem['msg']}") from None
+    loras = [LoraItem(path=preview.lora, network_multiplier=section.network_multiplier)] if preview.lora else []
+    return InferenceRequest(model=preview.model, trigger_word=preview.trigger_word, job_name=preview.job_name,
+                            prompts=prompts, loras=loras, output_format=preview.output_format,
+                            hf_token=preview.hf_token)
 
 
 def _check_work(items: list[WorkItem], args: AppArgs) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 MAX_SEED = 2**64 - 1
 # The API's own defaults (the reference's). Steps and guidance default per model: GET /v1/models.
@@ -71,8 +71,14 @@ class PromptItem(_Request):
         None, ge=0.0, le=20.0, description="FLUX distilled guidance (not CFG); default: the model's"
     )
     neg: Text | None = Field(None, description="Accepted; no effect on FLUX.1-dev, as in the reference")
+    network_multiplier: float | None = Field(
+        None, ge=-2.0, le=2.0,
+        description="Preview models: this prompt's LoRA multiplier (a sample's own), over the LoRA's; "
+        "a `--m` flag overrides it. Ignored by reference models.",
+    )
 
     _check_guidance = field_validator("guidance_scale")(_finite)
+    _check_multiplier = field_validator("network_multiplier")(_finite)
 
 
 class InferenceRequest(_Request):
@@ -84,6 +90,9 @@ class InferenceRequest(_Request):
     hf_token: SecretStr | None = Field(
         None, description="The reference's field: a Hugging Face token for this request's hf:// LoRAs only; "
         "never logged, echoed or stored with the job"
+    )
+    job_name: Text | None = Field(
+        None, max_length=256, description="Preview models: the training job's name, for `[name]` in prompts"
     )
 
     model_config = ConfigDict(
@@ -135,12 +144,26 @@ class StatusResponse(BaseModel):
     error_code: str | None = None
 
 
+class EffectiveSettings(BaseModel):
+    """What a preview model ran for one image, after ai-toolkit's prompt flags and size floors."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    multiplier: float | None = Field(description="The LoRA's multiplier; null for the base model")
+
+
 class ImageInfo(BaseModel):
     index: int
     format: OutputFormat
     width: int = Field(description=f"Effective width (floored to {RESOLUTION_DIVISOR})")
     height: int = Field(description=f"Effective height (floored to {RESOLUTION_DIVISOR})")
     seed: int = Field(description="The seed used (drawn when the request said -1)")
+    effective: EffectiveSettings | None = Field(None, description="Preview models: the settings that ran")
+    lora_mode: str | None = Field(None, description="Preview models: `merged`, `hook`, or `none` without a LoRA")
 
 
 class ImageOutput(ImageInfo):
@@ -191,7 +214,9 @@ class GenerateResponse(BaseModel):
 
 class ModelCard(BaseModel):
     id: str
-    kind: str = Field(description="`reference`: the reference server's pipeline")
+    kind: Literal["reference", "preview"] = Field(
+        description="`reference`: the reference server's pipeline; `preview`: ai-toolkit's training previews"
+    )
     description: str
     base_model: str
     resolution_divisor: int
@@ -201,6 +226,59 @@ class ModelCard(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelCard]
+
+
+class SampleItem(_Request):
+    """One entry of an ai-toolkit `sample.samples` list: a prompt and its own settings."""
+
+    prompt: Text
+    width: int | None = Field(None, ge=64, le=4096)
+    height: int | None = Field(None, ge=64, le=4096)
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED)
+    network_multiplier: float | None = Field(None, ge=-2.0, le=2.0)
+    neg: Text | None = None
+
+    _check_multiplier = field_validator("network_multiplier")(_finite)
+
+
+class SampleSection(_Request):
+    """The `sample:` section of an ai-toolkit job config, with ai-toolkit's own defaults (SampleConfig).
+
+    Either form works: `prompts` (texts) or `samples` (entries with their own settings). Keys that
+    change nothing here (sampler, sample_every, format...) are ignored.
+    """
+
+    prompts: list[Text] = Field(default_factory=list)
+    samples: list[SampleItem] = Field(default_factory=list)
+    width: int = Field(512, ge=64, le=4096)
+    height: int = Field(512, ge=64, le=4096)
+    seed: int = Field(0, ge=-1, le=MAX_SEED)
+    walk_seed: bool = Field(False, description="The i-th image's seed is seed + i")
+    guidance_scale: float = Field(7.0, ge=0.0, le=20.0)
+    sample_steps: int = Field(20, ge=1, le=150)
+    neg: Text | bool = Field("", description="Negative prompt (no effect on FLUX.1-dev)")
+    network_multiplier: float = Field(1.0, ge=-2.0, le=2.0)
+
+    _check_guidance = field_validator("guidance_scale")(_finite)
+    _check_multiplier = field_validator("network_multiplier")(_finite)
+
+    @model_validator(mode="after")
+    def _has_prompts(self) -> SampleSection:
+        if not self.prompts and not self.samples:
+            raise ValueError("the sample section needs `prompts` or `samples`")
+        return self
+
+
+class PreviewRequest(_Request):
+    """Reproduce a training run's sample grid: `POST /v1/previews` (an async job, one image per sample)."""
+
+    model: Text = Field(description="A preview model: `flux-preview` (quantize: true) or `flux-preview-bf16`")
+    lora: Text | None = Field(None, description="The LoRA: a root-relative path, URL or hf://; none: the base model")
+    trigger_word: Text | None = Field(None, description="The job's trigger_word")
+    job_name: Text | None = Field(None, max_length=256, description="The job's name, for `[name]`")
+    sample: SampleSection
+    output_format: OutputFormat = "jpeg"
+    hf_token: SecretStr | None = Field(None, description="As in /v1/inference")
 
 
 class ModelHealth(BaseModel):

@@ -52,6 +52,8 @@ class CompileStats:
 
 class Engine(Protocol):
     device: str
+    # Images one pipeline call may hold, whatever the pixel budget says (None: no limit of its own).
+    max_images_per_call: int | None
 
     def load_adapter(self, name: str, lora: LoraFile) -> int:
         """Load a LoRA file's tensors (read and checked by LoraSources) as adapter `name`; return how

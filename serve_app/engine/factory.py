@@ -17,6 +17,10 @@ def build_engine(model: ModelArgs) -> Engine:
     if model.engine is not None:
         module_name, _, attribute = model.engine.partition(":")
         return getattr(importlib.import_module(module_name), attribute).from_args(model)
+    if model.kind == "preview":
+        from serve_app.engine.preview_model import PreviewModel
+
+        return PreviewModel.from_args(model)
     from serve_app.engine.fast import load_engine
     from serve_app.engine.speed import SpeedArgs
 

@@ -90,6 +90,7 @@ class FluxEngine:
     """Owns one FluxPipeline: adapters in, images out. Not thread-safe: callers serialize."""
 
     speed_tier = "exact"
+    max_images_per_call: int | None = None  # the pixel budget decides
 
     def __init__(self, pipe: FluxPipeline, device: str):
         self.pipe = pipe

@@ -45,6 +45,7 @@ class BatchKey:
     steps: int
     guidance: float
     loras: tuple[LoraUse, ...] = ()
+    lora_mode: str = ""  # a preview model's: "merged" or "hook", chosen per request; "" for the others
 
     @property
     def pixels(self) -> int:
@@ -95,7 +96,12 @@ class ItemResult:
     seconds: float = 0.0
     lora_modules: tuple[tuple[str, int], ...] = ()  # (LoRA key, matched module count)
     speed_tier: str = "exact"  # the engine's tier that drew it (SPEC section 7)
-    lora_mode: str = "peft"  # peft | slot
+    lora_mode: str = "peft"  # peft | slot; a preview model's: merged | hook | none
+    # What ran, for a preview model's `effective` (SPEC section 6): the item's after its prompt flags.
+    prompt: str = ""
+    steps: int = 0
+    guidance: float = 0.0
+    multiplier: float | None = None
 
 
 def lora_set_id(sources: Iterable[str]) -> str:

@@ -26,6 +26,7 @@ from serve_app.schemas import (
     HealthResponse,
     InferenceRequest,
     ModelList,
+    PreviewRequest,
     ResultResponse,
     StatusResponse,
     SubmitResponse,
@@ -38,6 +39,8 @@ class IngressService(Protocol):
     """What the routes need from the ingress (serving/ingress.py implements it)."""
 
     async def submit(self, body: InferenceRequest, timeout_s: float) -> SubmitResponse: ...
+
+    async def preview(self, body: PreviewRequest, timeout_s: float) -> SubmitResponse: ...
 
     async def status(self, request_id: str) -> StatusResponse: ...
 
@@ -77,6 +80,13 @@ router = APIRouter(dependencies=[Depends(authorized)])
 async def submit(body: InferenceRequest, timeout: float = Depends(timeout_s), ingress=Depends(service)):
     """Queue an async job: one image per prompt. Poll `status_url`, then read `result_url`."""
     return await ingress.submit(body, timeout)
+
+
+@router.post("/v1/previews", response_model=SubmitResponse)
+async def preview(body: PreviewRequest, timeout: float = Depends(timeout_s), ingress=Depends(service)):
+    """Reproduce a training run's sample grid: the `sample:` section of an ai-toolkit job config on a preview
+    model, one image per sample, seeded and merged-or-hooked as the trainer does. An async job, as /v1/inference."""
+    return await ingress.preview(body, timeout)
 
 
 @router.get("/v1/requests/{request_id}/status", response_model=StatusResponse)

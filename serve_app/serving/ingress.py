@@ -22,8 +22,8 @@ from serve_app.config import AppArgs
 from serve_app.engine.downloader import Downloader
 from serve_app.engine.lora_sources import LoraSources, is_remote
 from serve_app.engine.workitems import WorkItem
-from serve_app.errors import ApiError
-from serve_app.requests import build_work_items, request_tokens
+from serve_app.errors import ApiError, validation_error
+from serve_app.requests import build_work_items, preview_request, request_tokens
 from serve_app.schemas import (
     RESOLUTION_DIVISOR,
     GenerateResponse,
@@ -32,6 +32,7 @@ from serve_app.schemas import (
     LoraReport,
     ModelCard,
     ModelList,
+    PreviewRequest,
     ResultMetadata,
     ResultResponse,
     StatusResponse,
@@ -78,6 +79,14 @@ class FluxIngress:
             created_at=status.created_at,
         )
 
+    async def preview(self, body: PreviewRequest, timeout_s: float) -> SubmitResponse:
+        """Reproduce a training run's sample grid on a preview model: one async job, one image per sample."""
+        model = self.args.model(body.model)
+        if model is not None and model.kind != "preview":
+            previews = [m.id for m in self.args.models if m.kind == "preview"]
+            raise validation_error(["body", "model"], f"{body.model!r} is not a preview model; these are: {previews}")
+        return await self.submit(preview_request(body), timeout_s)
+
     async def status(self, request_id: str) -> StatusResponse:
         return await self.jobs.status.remote(request_id)
 
@@ -105,8 +114,9 @@ class FluxIngress:
                 raise outcome
         metadata = with_matched_modules(self._metadata(body, items), outcomes[0])
         metadata.inference_time = round(time.perf_counter() - started, 3)
+        preview = self.args.model(body.model).kind == "preview"
         return GenerateResponse(
-            request_id=request_id, images=[inline_image(result) for result in outcomes], metadata=metadata
+            request_id=request_id, images=[inline_image(result, preview) for result in outcomes], metadata=metadata
         )
 
     async def models(self) -> ModelList:

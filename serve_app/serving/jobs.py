@@ -136,7 +136,8 @@ class FluxJobs:
             created_at=status.created_at, finished_at=status.finished_at, metadata=job.metadata,
         )
         if job.status == "succeeded":
-            response.outputs = ImageOutputs(images=[image_output(r, self.links) for r in job.results])
+            preview = self.args.model(job.metadata.model).kind == "preview"
+            response.outputs = ImageOutputs(images=[image_output(r, self.links, preview) for r in job.results])
             response.metadata = with_matched_modules(job.metadata, job.results[0]).model_copy(
                 update={"inference_time": round(job.finished_at - (job.started_at or job.created_at), 3)}
             )

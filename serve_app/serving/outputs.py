@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 
 from serve_app.engine.workitems import ItemResult
-from serve_app.schemas import ImageOutput, InlineImage, ResultMetadata
+from serve_app.schemas import EffectiveSettings, ImageOutput, InlineImage, ResultMetadata
 
 
 class Links:
@@ -24,17 +24,23 @@ class Links:
         return f"{self._base}/v1/requests/{request_id}/images/{index}"
 
 
-def _image_fields(result: ItemResult) -> dict:
-    return {"index": result.index, "format": result.format, "width": result.width, "height": result.height,
-            "seed": result.seed}
+def _image_fields(result: ItemResult, preview: bool) -> dict:
+    fields = {"index": result.index, "format": result.format, "width": result.width, "height": result.height,
+              "seed": result.seed}
+    if preview:  # what ai-toolkit's flags and floors made of the prompt, and how the LoRA ran
+        fields["effective"] = EffectiveSettings(
+            prompt=result.prompt, width=result.width, height=result.height, steps=result.steps,
+            guidance=result.guidance, seed=result.seed, multiplier=result.multiplier)
+        fields["lora_mode"] = result.lora_mode
+    return fields
 
 
-def image_output(result: ItemResult, links: Links) -> ImageOutput:
-    return ImageOutput(**_image_fields(result), url=links.image(result.request_id, result.index))
+def image_output(result: ItemResult, links: Links, preview: bool = False) -> ImageOutput:
+    return ImageOutput(**_image_fields(result, preview), url=links.image(result.request_id, result.index))
 
 
-def inline_image(result: ItemResult) -> InlineImage:
-    return InlineImage(**_image_fields(result), data=base64.b64encode(result.data).decode())
+def inline_image(result: ItemResult, preview: bool = False) -> InlineImage:
+    return InlineImage(**_image_fields(result, preview), data=base64.b64encode(result.data).decode())
 
 
 def with_matched_modules(metadata: ResultMetadata, result: ItemResult) -> ResultMetadata:

@@ -123,6 +123,7 @@ def test_serve_run_of_local_yaml_answers_the_example_request_then_stops(tmp_path
         assert (image["width"], image["height"], image["seed"]) == (1024, 1024, 42)
         assert Image.open(io.BytesIO(base64.b64decode(image["data"]))).size == (1024, 1024)
         assert (tmp_path / ".flux-serve/loras/demo/demo_lora.safetensors").exists()
+        _assert_goldens_reproduced(url)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -132,6 +133,28 @@ def test_serve_run_of_local_yaml_answers_the_example_request_then_stops(tmp_path
             raise
         log.close()
     assert process.returncode is not None
+
+
+def _assert_goldens_reproduced(url: str) -> None:
+    """`make serve` answers ai-toolkit's golden preview requests with the golden images (within this CPU's
+    residual: tests/unit/test_preview_engine.py)."""
+    import numpy as np
+
+    from tests.unit.preview_goldens import GOLDEN_DIR, GOLDENS, load_golden
+    from tests.unit.test_preview_engine import RESIDUAL
+
+    if not GOLDEN_DIR.is_dir():
+        return
+    for name in GOLDENS:
+        golden = load_golden(name)
+        answer = httpx.post(f"{url}/v1/generate", json=golden["request"], timeout=180)
+        assert answer.status_code == 200, answer.text
+        with Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]["data"]))) as image:
+            ours = np.asarray(image).astype(np.int16)
+        with Image.open(GOLDEN_DIR / golden["expected_png"]) as image:
+            theirs = np.asarray(image).astype(np.int16)
+        difference = np.abs(ours - theirs)
+        assert difference.max() <= RESIDUAL[name][0] and difference.mean() <= RESIDUAL[name][1], name
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from serve_app import errors
 from tests.serve import helpers
-from tests.serve.helpers import app_args, calls, deploy_app, steps_run
+from tests.serve.helpers import app_args, calls, deploy_app, generator_state, steps_run
 
 pytestmark = pytest.mark.serve
 
@@ -208,14 +208,17 @@ def test_cancelling_one_job_leaves_the_other_job_in_its_call_intact(url):
     shape = {"width": 256, "height": 256, "sample_steps": 100}
     blocker_steps = 150
     idle = wait_idle()
-    # A blocker of another shape holds the pipeline, so both jobs wait at the gate and share the next call.
-    blocker = httpx.post(f"{url}/v1/inference", json=request([{"prompt": "blocker", "width": 192, "height": 192,
+    # A long blocker of another shape holds the pipeline, so both jobs wait at the gate and share the next call.
+    blocker = httpx.post(f"{url}/v1/inference", json=request([{"prompt": "blocker", "width": 256, "height": 256,
                                                                "sample_steps": blocker_steps}]), headers=AUTH).json()
     wait_status(url, blocker["request_id"], ("in_progress",))
     jobs = [httpx.post(f"{url}/v1/inference", json=request([{"prompt": p, "seed": s, **shape}], output_format="png"),
                        headers=AUTH).json() for p, s in (("keep me", 1), ("drop me", 2))]
     keep, drop = jobs
     deadline = time.time() + 60
+    while generator_state().batching.waiting_items < 2:  # both wait at the gate behind the blocker
+        assert time.time() < deadline and steps_run() < idle + blocker_steps, "the blocker ended before both arrived"
+        time.sleep(0.01)
     while steps_run() < idle + blocker_steps + 5:  # the blocker is done and the shared call a few steps in
         assert time.time() < deadline, "the shared call never started"
         time.sleep(0.01)

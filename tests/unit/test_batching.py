@@ -12,7 +12,7 @@ from serve_app.engine.workitems import BatchKey, LoraUse, WorkItem
 KEY = BatchKey(model="flux", width=64, height=64, steps=2, guidance=4.0, loras=(LoraUse("a.safetensors", 1.0),))
 # Another value for each field of the key: two items differing in it alone must never share a call.
 OTHER = {"model": "flux-b", "width": 80, "height": 80, "steps": 3, "guidance": 3.5,
-         "loras": (LoraUse("a.safetensors", 0.5),)}
+         "loras": (LoraUse("a.safetensors", 0.5),), "lora_mode": "merged"}
 
 
 def test_every_batch_key_field_has_another_value_here():
@@ -34,6 +34,10 @@ def test_every_work_item_field_is_either_per_image_or_in_the_batch_key():
 def test_a_loras_multiplier_and_its_file_both_split_calls_but_share_the_lora_set():
     half = dataclasses.replace(KEY, loras=(LoraUse("a.safetensors", 0.5),))
     assert half != KEY and half.lora_set_id == KEY.lora_set_id
+
+
+def test_an_engines_own_limit_cuts_calls_too():
+    assert plan_calls([KEY] * 3, pixel_budget=10**9, engine_limit=1) == [[0], [1], [2]]
 
 
 def test_the_pixel_budget_cuts_a_key_in_arrival_order():

@@ -187,3 +187,67 @@ def test_every_error_code_survives_pickling():
         exc = ApiError(code, f"message of {code}", {"field": "x"})
         back = pickle.loads(pickle.dumps(exc))
         assert (back.code, back.message, back.details, back.status_code) == (code, exc.message, {"field": "x"}, exc.status_code)
+
+
+PREVIEWS = AppArgs(models=[{"id": "flux"}, {"id": "pq", "kind": "preview", "quantize": True},
+                           {"id": "pb", "kind": "preview", "quantize": False}])
+
+
+def preview_items(model: str, prompts: list[dict], loras=({"path": "a.safetensors"},), **top):
+    body = {"model": model, "prompts": prompts, "loras": list(loras), **top}
+    return items_of(body, PREVIEWS)
+
+
+def test_a_preview_models_items_are_what_ai_toolkit_runs():
+    item = preview_items("pq", [{"prompt": "[name] by [trigger] --w 120 --h 100 --cfg 3.5 --s 5 --m 0.75"}],
+                         trigger_word="sks", job_name="job")[0]
+    assert (item.prompt, item.key.width, item.key.height, item.key.steps, item.key.guidance) == (
+        "job by sks", 112, 96, 5, 3.5)
+    assert item.key.loras[0].multiplier == 0.75 and item.key.lora_mode == "hook"  # quantized: always a branch
+
+
+@pytest.mark.parametrize("model,multipliers,mode", [("pb", [None, None], "merged"), ("pb", [0.5, None], "hook"),
+                                                    ("pq", [None, None], "hook")])
+def test_the_merge_is_decided_per_request_as_per_sample_grid(model, multipliers, mode):
+    prompts = [{"prompt": "a", **({} if m is None else {"network_multiplier": m})} for m in multipliers]
+    assert {item.key.lora_mode for item in preview_items(model, prompts)} == {mode}
+
+
+def test_a_preview_without_a_lora_is_the_base_model():
+    item = preview_items("pb", [{"prompt": "a"}], loras=())[0]
+    assert item.key.loras == () and item.key.lora_mode == ""
+
+
+@pytest.mark.parametrize("flag,field", [("--w 10000", "width"), ("--steps two", "sample_steps"),
+                                        ("--l -1", "guidance_scale"), ("--network_multiplier 2.5", "network_multiplier")])
+def test_a_flag_value_is_checked_like_its_field(flag, field):
+    with pytest.raises(ApiError) as info:
+        preview_items("pq", [{"prompt": f"a {flag}"}])
+    assert info.value.code == errors.VALIDATION_ERROR
+    assert info.value.details["errors"][0]["loc"] == ["body", "prompts", "0", field]
+
+
+def test_a_preview_takes_one_lora():
+    with pytest.raises(ApiError) as info:
+        preview_items("pq", [{"prompt": "a"}], loras=({"path": "a.safetensors"}, {"path": "b.safetensors"}))
+    assert info.value.code == errors.SINGLE_LORA_ONLY
+
+
+def test_a_reference_model_keeps_flags_as_text():
+    item = items_of(request({"prompt": "a cat --w 128"}), PREVIEWS)[0]
+    assert item.prompt == "a cat --w 128" and item.key.width == 1024
+
+
+def test_a_sample_section_becomes_one_request_seeded_as_the_trainer_seeds():
+    from serve_app.requests import preview_request
+    from serve_app.schemas import PreviewRequest
+
+    preview = PreviewRequest.model_validate({
+        "model": "pb", "lora": "a.safetensors", "sample": {
+            "prompts": ["one", "two"], "samples": [{"prompt": "three", "seed": 99, "width": 256}],
+            "seed": 10, "walk_seed": True, "width": 128, "height": 96, "sample_steps": 4, "guidance_scale": 3}})
+    items = items_of(preview_request(preview).model_dump(), PREVIEWS)
+    assert [(i.prompt, i.seed, i.key.width, i.key.steps, i.key.guidance) for i in items] == [
+        ("one", 10, 128, 4, 3.0), ("two", 11, 128, 4, 3.0), ("three", 99, 256, 4, 3.0)]
+    defaults = PreviewRequest.model_validate({"model": "pb", "sample": {"prompts": ["x"]}}).sample
+    assert (defaults.width, defaults.sample_steps, defaults.guidance_scale, defaults.seed) == (512, 20, 7.0, 0)
