@@ -50,6 +50,8 @@ DOWNLOAD_THREADS = 4
 Outcome = ItemResult | ApiError
 Encoder = Callable[[Image.Image, str], bytes]
 LoadSet = Callable[[tuple[str, ...]], Awaitable[LoraSet]]
+# Told (the call's items, step done, steps) after each denoising step, on the engine thread: keep it quick.
+StepsDone = Callable[[Sequence[WorkItem], int, int], None]
 
 
 class ReplicaObserver:
@@ -163,6 +165,7 @@ class GeneratorReplica:
             `@serve.multiplexed` one.
         observer: told what happens, for metrics.
         encode: image encoder (format → bytes).
+        on_steps: told each denoising step of each call (progress of async jobs), on the engine thread.
     """
 
     def __init__(
@@ -175,12 +178,14 @@ class GeneratorReplica:
         lora_sets: Callable[[LoadSet, int], LoraSets] = LocalLoraSets,
         observer: ReplicaObserver | None = None,
         encode: Encoder = encode_image,
+        on_steps: StepsDone | None = None,
     ):
         self.engine = engine
         self.sources = sources
         self.settings = settings
         self.observer = observer or ReplicaObserver()
         self.encode = encode
+        self.on_steps = on_steps
         self.adapters = AdapterCache(
             engine, sources, on_load=self.observer.lora_loaded, on_evict=self.observer.lora_set_evicted
         )
@@ -295,8 +300,16 @@ class GeneratorReplica:
         """One pipeline call, on the engine thread, while the lock is held."""
         key = items[0].key
         start = time.perf_counter()
+        on_step = None
+        if self.on_steps is not None:
+            on_steps = self.on_steps
+
+            def on_step(step: int, steps: int) -> None:
+                on_steps(items, step, steps)
+
         images = self.engine.generate(
-            items, self.adapters.weights(key.loras), should_stop=lambda: all(self._is_dead(i) for i in items)
+            items, self.adapters.weights(key.loras), should_stop=lambda: all(self._is_dead(i) for i in items),
+            on_step=on_step,
         )
         seconds = time.perf_counter() - start
         self.observer.call_done(key, len(items), seconds)
