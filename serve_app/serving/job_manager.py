@@ -36,7 +36,7 @@ from serve_app import errors
 from serve_app.config import AppArgs
 from serve_app.engine.workitems import ItemResult, WorkItem
 from serve_app.errors import ApiError
-from serve_app.schemas import JobProgress, ResultMetadata, ResultResponse, StatusResponse, WebhookStatus
+from serve_app.schemas import ResultMetadata, ResultResponse, StatusResponse, WebhookStatus
 from serve_app.serving.events import ChangeSignal, JobUpdate
 from serve_app.serving.guards import overloaded
 from serve_app.serving.outputs import Links
@@ -385,20 +385,7 @@ class JobManager:
         return f"{self.epoch}:{job.signal.count}"
 
     def _status(self, job: Job) -> StatusResponse:
-        return job.record.status_response(self._progress(job))
-
-    def _progress(self, job: Job) -> JobProgress:
-        """Images done, and the steps of the running image furthest along; with none running, 0 of the
-        next image's steps, or all of the last one's when every image is done."""
-        record = job.record
-        waiting = [item for item in record.items if record.image(item.index) is None]
-        if job.steps:
-            step, steps = max(job.steps.values(), key=lambda s: s[0] / max(s[1], 1))
-        elif waiting:
-            step, steps = 0, waiting[0].steps
-        else:
-            step = steps = record.items[-1].steps
-        return JobProgress(images_done=len(record.images), images=len(record.items), step=step, steps=steps)
+        return job.record.status_response(job.record.progress(job.steps))
 
     def _check_capacity(self, new_items: int) -> None:
         limits = self.args.limits

@@ -150,6 +150,22 @@ class JobRecord(_Stored):
             self.error, self.error_code = error.message, error.code
         return True
 
+    def progress(self, running: dict[int, tuple[int, int]]) -> JobProgress:
+        """Images done, and the steps of the running image furthest along; with none running, 0 of the
+        next image's steps, or all of the last one's when every image is done.
+
+        Args:
+            running: the images running now: index -> (step done, steps).
+        """
+        waiting = [item for item in self.items if self.image(item.index) is None]
+        if running:
+            step, steps = max(running.values(), key=lambda s: s[0] / max(s[1], 1))
+        elif waiting:
+            step, steps = 0, waiting[0].steps
+        else:
+            step = steps = self.items[-1].steps if self.items else 0
+        return JobProgress(images_done=len(self.images), images=len(self.items), step=step, steps=steps)
+
     def status_response(self, progress: JobProgress) -> StatusResponse:
         return StatusResponse(
             request_id=self.request_id,

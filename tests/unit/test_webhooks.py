@@ -120,8 +120,8 @@ def test_a_receiver_that_answers_500_twice_gets_the_signed_body_on_the_third_att
 
 def test_redirects_are_not_followed():
     with Receiver(redirect_to="/elsewhere") as receiver:
-        final, _ = deliver(receiver, b"{}")
-    assert not final.delivered and final.attempts == LOCAL.max_attempts
+        final, _ = deliver(receiver, b"{}", LOCAL.model_copy(update={"max_attempts": 2}))
+    assert not final.delivered and final.attempts == 2
     assert "redirects are not followed" in final.last_error
     assert {d.path for d in receiver.deliveries} == {"/hooks/flux"}
 
