@@ -163,13 +163,14 @@ class JobManager:
             webhook=WebhookStatus(delivered=False, attempts=0) if webhook_url else None,
         )
         job = Job(record)
+        self.jobs[request_id] = job  # counted now: a submit arriving while this one is written sees it
         try:
             await self._save(job)
         except Exception as exc:
+            del self.jobs[request_id]
             logger.error("job %s not accepted: the job store failed (%s)", request_id, type(exc).__name__)
             raise ApiError(errors.JOBS_UNAVAILABLE, "the job store cannot be written now; retry later",
                            {"retry_after_s": self.args.limits.retry_after_s}) from None
-        self.jobs[request_id] = job
         job.task = asyncio.create_task(self._run(job))
         return self._status(job)
 

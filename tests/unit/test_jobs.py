@@ -142,6 +142,23 @@ def test_a_repeated_submit_answers_the_job_already_accepted():
     assert first.created_at == again.created_at and len(calls) == 1
 
 
+def test_concurrent_submits_never_exceed_the_pending_limit():
+    """Each submit waits for its record to be written: the ones arriving meanwhile must still count it."""
+
+    async def go():
+        jobs = JobManager(MemoryStore(), AppArgs(jobs=JobArgs(store="memory"), limits={"max_pending_jobs": 3}),
+                          Generators().run_one, models={"flux"})
+        request_ids = [uuid.uuid4().hex for _ in range(8)]
+        answers = await asyncio.gather(*(jobs.submit(r, items(r, "hold"), METADATA, 60) for r in request_ids),
+                                       return_exceptions=True)
+        jobs.close()
+        return answers
+
+    answers = asyncio.run(go())
+    refused = [a for a in answers if isinstance(a, ApiError)]
+    assert len(answers) - len(refused) == 3 and {a.code for a in refused} == {errors.OVERLOADED}
+
+
 def test_a_store_that_cannot_be_written_refuses_the_job_with_503():
     class BrokenStore(MemoryStore):
         def put_record(self, record):
