@@ -229,6 +229,8 @@ class JobManager:
 
     async def _run(self, job: Job, restored: bool = False) -> None:
         record = job.record
+        if record.finished:  # cancelled while its record was being written
+            return
         missing = sorted({item.model for item in record.items} - self.models)
         if missing:
             await self._finish(job, "failed", ApiError(errors.MODEL_NOT_FOUND, f"model {missing[0]!r} is not served"))
