@@ -58,6 +58,10 @@ class BatchSettings(StrictModel):
         256 * 256 * 4, description="Pixels one pipeline call may hold; larger images run alone"
     )
 
+    def updated(self, user_config: dict) -> BatchSettings:
+        """These settings with a deployment's `user_config` over them; an unknown key is an error that names it."""
+        return BatchSettings.model_validate({**self.model_dump(), **user_config})
+
 
 SpeedTier = Literal["exact", "compiled", "fp8"]
 

@@ -25,7 +25,7 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import JOBS_DEPLOYMENT, BatchSettings, LoraArgs, ModelArgs
+from serve_app.config import JOBS_DEPLOYMENT, LoraArgs, ModelArgs
 from serve_app.engine.adapters import LoraSet
 from serve_app.engine.factory import build_engine
 from serve_app.engine.lora_sources import LoraSources
@@ -104,7 +104,7 @@ class FluxGenerator:
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply the deployment's `user_config` (BatchSettings fields) over the model's batching args."""
-        settings = BatchSettings.model_validate({**self.model.batching.model_dump(), **user_config})
+        settings = self.model.batching.updated(user_config)
         self._batch.set_max_batch_size(settings.max_batch_size)
         self._batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.replica.configure(settings)

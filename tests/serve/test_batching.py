@@ -34,13 +34,15 @@ BLOCKER = {"prompt": "blocker", "width": 512, "height": 512, "sample_steps": 60}
 
 @pytest.fixture(scope="module")
 def url(serve_url, lora_root):
-    url = deploy_app(serve_url, app_args(lora_root))
-    yield url
-    configure(url, lora_root, **DEFAULT_USER_CONFIG)
+    return deploy_app(serve_url, app_args(lora_root))
 
 
 def configure(url: str, lora_root, **user_config):
-    """Deploy with this user_config (a redeploy from Python restarts the replica) and return its state."""
+    """Make sure the replica runs with this user_config and return its state. Only a change redeploys:
+    a redeploy from Python restarts the replica, which costs seconds."""
+    state = generator_state()
+    if all(getattr(state.batching.settings, name) == value for name, value in user_config.items()):
+        return state
     deploy_app(url, app_args(lora_root), generator={"user_config": user_config})
     state = generator_state()
     settings = state.batching.settings
@@ -83,7 +85,8 @@ KEYS = {
 }
 
 
-def test_mixed_load_batches_same_keys_only_and_images_match_alone(url):
+def test_mixed_load_batches_same_keys_only_and_images_match_alone(url, lora_root):
+    configure(url, lora_root, **DEFAULT_USER_CONFIG)
     bodies, key_of_body = [], []
     for round_ in range(3):
         for name, key in KEYS.items():
@@ -119,69 +122,8 @@ def test_mixed_load_batches_same_keys_only_and_images_match_alone(url):
     assert [c["images"] for c in calls(alone_ids)] == [1] * len(alone_ids)
 
 
-def test_max_batch_size_of_a_deploy_takes_effect(url, lora_root):
-    before = configure(url, lora_root, **DEFAULT_USER_CONFIG)
-    after = configure(url, lora_root, max_batch_size=2, batch_wait_timeout_s=0.0)
-    assert (before.batching.settings.max_batch_size, after.batching.settings.max_batch_size) == (4, 2)
-
-    occupy(url)
-    prompts = [{"prompt": f"live {i}", "seed": i, "width": 64, "height": 64, "sample_steps": 1} for i in range(10)]
-    answers = asyncio.run(post_all(url, "/v1/generate", [request([p]) for p in prompts]))
-    assert all(a.status_code == 200 for a in answers)
-    sizes = [c["images"] for c in calls(a.json()["request_id"] for a in answers)]
-    assert sum(sizes) == 10 and max(sizes) == 2, sizes
+def test_a_stream_of_distinct_keys_leaves_no_state_behind(url, lora_root):
     configure(url, lora_root, **DEFAULT_USER_CONFIG)
-
-
-def test_an_unknown_user_config_key_fails_the_deploy_with_its_name(url, lora_root):
-    from ray import serve
-
-    from serve_app.app import build_app_with
-
-    try:
-        with pytest.raises(RuntimeError, match="FluxGenerator-flux"):
-            serve.run(build_app_with(app_args(lora_root), {"FluxGenerator-flux": {"user_config": {"max_batch_sise": 8}}}),
-                      name="typo", route_prefix="/typo")
-        # Serve's status of the deployment carries the replica's error: the key by its name.
-        message = serve.status().applications["typo"].deployments["FluxGenerator-flux"].message
-        assert "max_batch_sise" in message and "Extra inputs are not permitted" in message, message
-    finally:
-        serve.delete("typo")
-
-
-FAIL_PROMPTS = [{"prompt": "fine" if i != 2 else "[[fail]] broken", "seed": i, "width": 64, "height": 64,
-                 "sample_steps": 1} for i in range(4)]
-GOOD_PROMPTS = [{"prompt": f"neighbour {i}", "seed": 10 + i, "width": 64, "height": 64, "sample_steps": 1}
-                for i in range(2)]
-
-
-def test_a_failing_item_fails_only_its_own_sync_request(url, lora_root):
-    configure(url, lora_root, max_batch_size=8, batch_wait_timeout_s=0.0)  # the 6 items fit one batch
-    occupy(url)
-    failing, good = asyncio.run(post_all(url, "/v1/generate", [request(FAIL_PROMPTS), request(GOOD_PROMPTS)]))
-    assert good.status_code == 200, good.text
-    assert len(good.json()["images"]) == 2
-    assert failing.status_code == 500, failing.text
-    assert failing.json()["error"]["code"] == errors.GENERATION_FAILED
-
-    shared = calls([good.json()["request_id"]])
-    assert any(not c["ok"] and c["images"] > 2 for c in shared), shared  # it did share the failed call
-    configure(url, lora_root, **DEFAULT_USER_CONFIG)
-
-
-def test_a_failing_item_fails_only_its_own_async_job(url, lora_root):
-    configure(url, lora_root, max_batch_size=8, batch_wait_timeout_s=0.0)
-    occupy(url)
-    failing, good = asyncio.run(post_all(url, "/v1/inference", [request(FAIL_PROMPTS), request(GOOD_PROMPTS)]))
-    failing_status = wait_finished(url, failing.json()["request_id"])
-    good_status = wait_finished(url, good.json()["request_id"])
-    assert good_status["status"] == "succeeded", good_status
-    assert failing_status["status"] == "failed" and failing_status["error_code"] == errors.GENERATION_FAILED
-    assert any(not c["ok"] and c["images"] > 2 for c in calls([good.json()["request_id"]]))
-    configure(url, lora_root, **DEFAULT_USER_CONFIG)
-
-
-def test_a_stream_of_distinct_keys_leaves_no_state_behind(url):
     async def stream(guidances: list[float]) -> list[int]:
         limit = asyncio.Semaphore(16)
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
@@ -201,6 +143,49 @@ def test_a_stream_of_distinct_keys_leaves_no_state_behind(url):
     state = after.batching
     assert (state.held_items, state.waiting_items, state.running_batches) == (0, 0, 0), state
     assert all(c["keys"] == 1 for c in calls())
+
+
+def test_max_batch_size_of_a_deploy_takes_effect(url, lora_root):
+    before = configure(url, lora_root, **DEFAULT_USER_CONFIG)
+    after = configure(url, lora_root, max_batch_size=2, batch_wait_timeout_s=0.0)
+    assert (before.batching.settings.max_batch_size, after.batching.settings.max_batch_size) == (4, 2)
+
+    occupy(url)
+    prompts = [{"prompt": f"live {i}", "seed": i, "width": 64, "height": 64, "sample_steps": 1} for i in range(10)]
+    answers = asyncio.run(post_all(url, "/v1/generate", [request([p]) for p in prompts]))
+    assert all(a.status_code == 200 for a in answers)
+    sizes = [c["images"] for c in calls(a.json()["request_id"] for a in answers)]
+    assert sum(sizes) == 10 and max(sizes) == 2, sizes
+
+
+FAIL_PROMPTS = [{"prompt": "fine" if i != 2 else "[[fail]] broken", "seed": i, "width": 64, "height": 64,
+                 "sample_steps": 1} for i in range(4)]
+GOOD_PROMPTS = [{"prompt": f"neighbour {i}", "seed": 10 + i, "width": 64, "height": 64, "sample_steps": 1}
+                for i in range(2)]
+
+
+def test_a_failing_item_fails_only_its_own_sync_request(url, lora_root):
+    configure(url, lora_root, max_batch_size=8, batch_wait_timeout_s=0.0)  # the 6 items fit one batch
+    occupy(url)
+    failing, good = asyncio.run(post_all(url, "/v1/generate", [request(FAIL_PROMPTS), request(GOOD_PROMPTS)]))
+    assert good.status_code == 200, good.text
+    assert len(good.json()["images"]) == 2
+    assert failing.status_code == 500, failing.text
+    assert failing.json()["error"]["code"] == errors.GENERATION_FAILED
+
+    shared = calls([good.json()["request_id"]])
+    assert any(not c["ok"] and c["images"] > 2 for c in shared), shared  # it did share the failed call
+
+
+def test_a_failing_item_fails_only_its_own_async_job(url, lora_root):
+    configure(url, lora_root, max_batch_size=8, batch_wait_timeout_s=0.0)
+    occupy(url)
+    failing, good = asyncio.run(post_all(url, "/v1/inference", [request(FAIL_PROMPTS), request(GOOD_PROMPTS)]))
+    failing_status = wait_finished(url, failing.json()["request_id"])
+    good_status = wait_finished(url, good.json()["request_id"])
+    assert good_status["status"] == "succeeded", good_status
+    assert failing_status["status"] == "failed" and failing_status["error_code"] == errors.GENERATION_FAILED
+    assert any(not c["ok"] and c["images"] > 2 for c in calls([good.json()["request_id"]]))
 
 
 def test_batch_metrics_are_exported_by_shape():

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from pydantic import ValidationError
 
 from serve_app import errors
 from serve_app.config import BatchSettings, LoraArgs
@@ -113,6 +114,13 @@ def test_the_pixel_budget_cuts_calls(spy, lora_root):
     spy.calls.clear()
     run(make_replica(spy, lora_root, pixel_budget=1), [item("big", size=128), item("big2", size=128)])
     assert [len(call["refs"]) for call in spy.calls] == [1, 1]  # an image over the budget runs alone
+
+
+def test_a_deployments_user_config_overrides_the_models_batching_and_an_unknown_key_is_named():
+    base = BatchSettings(max_batch_size=4, batch_wait_timeout_s=0.0)
+    assert base.updated({"max_batch_size": 2}) == BatchSettings(max_batch_size=2, batch_wait_timeout_s=0.0)
+    with pytest.raises(ValidationError, match="max_batch_sise"):  # a typo fails the deploy, never ignored
+        base.updated({"max_batch_sise": 8})
 
 
 def test_each_denoising_step_is_reported_with_the_calls_items_on_the_engine_thread(spy, lora_root):
