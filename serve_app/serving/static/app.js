@@ -315,7 +315,7 @@ function remember(entry) {
 }
 
 function addCard(entry, atEnd = false) {
-  const curl = el("textarea", { className: "curl", readOnly: true, rows: 6, value: entry.curl,
+  const curl = el("textarea", { className: "curl", readOnly: true, rows: 8, value: entry.curl,
                                 ariaLabel: "The request as a curl command" });
   const copy = el("button", { type: "button", textContent: "Copy" });
   copy.addEventListener("click", () => copyText(curl, copy));
