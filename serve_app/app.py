@@ -4,6 +4,8 @@ Serve validates the YAML `args` into `AppArgs` because this builder's one parame
 with it. All Serve wiring lives here; the deployment classes stay plain, importable classes:
 
     FluxIngress ─┬─▶ FluxJobs ──▶ FluxGenerator-<id> (one deployment per model)
+                 │      ▲  └─ the job store (records, images)
+                 │      └──── step progress (generators look FluxJobs up by name: no cycle in the graph)
                  └──────────────▶ FluxGenerator-<id>
 
 The options below are defaults: a YAML's `deployments:` section overrides them by name (a model's
@@ -11,6 +13,7 @@ generator deployment is named `FluxGenerator-<its id>`).
 """
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +21,17 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from serve_app.config import TINY_SOURCE, AppArgs, ModelArgs
+from serve_app.config import JOBS_DEPLOYMENT, TINY_SOURCE, AppArgs, ModelArgs
 from serve_app.serving.generator import FluxGenerator
 from serve_app.serving.ingress import FluxIngress
 from serve_app.serving.jobs import FluxJobs
+from serve_app.serving.webhooks import write_secret_file
 
 logger = logging.getLogger("ray.serve")
 
 DEMO_LORA = "demo/demo_lora.safetensors"
 INGRESS = "FluxIngress"
-JOBS = "FluxJobs"
+JOBS = JOBS_DEPLOYMENT
 
 
 def build_app(args: AppArgs) -> Application:
@@ -45,12 +49,19 @@ def build_app_with(args: AppArgs, deployments: dict[str, dict[str, Any]]) -> App
     args = args.resolved()
     if args.loras.write_demo:
         _write_demo_lora(args)
+    if args.webhooks.generate_secret:
+        _generate_webhook_secret(args)
     generators = {
         model.id: _with(_generator(model), deployments.get(model.deployment_name)).bind(model, args.loras)
         for model in args.models
     }
     jobs = serve.deployment(
-        FluxJobs, name=JOBS, num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0}
+        FluxJobs,
+        name=JOBS,
+        num_replicas=1,  # exactly one: it owns the job store (and its lease, serving/store.py)
+        max_ongoing_requests=10_000,  # every open event stream holds one long-poll call
+        graceful_shutdown_timeout_s=60,  # drain the long-polls (30 s at most), then hand the store over
+        ray_actor_options={"num_cpus": 0},
     )
     ingress = serve.deployment(
         serve.ingress()(FluxIngress),
@@ -75,6 +86,14 @@ def _generator(model: ModelArgs) -> Deployment:
 
 def _with(deployment: Deployment, options: dict[str, Any] | None) -> Deployment:
     return deployment.options(**options) if options else deployment
+
+
+def _generate_webhook_secret(args: AppArgs) -> None:
+    """The webhook signing secret of a machine that has none: written once to `webhooks.secret_file`."""
+    if os.environ.get(args.webhooks.secret_env):
+        return
+    if write_secret_file(args.webhooks.secret_file):
+        logger.info("webhooks: generated a signing secret in %s", args.webhooks.secret_file)
 
 
 def _write_demo_lora(args: AppArgs) -> None:

@@ -4,24 +4,31 @@
         --lora demo/demo_lora.safetensors --out person.jpg
     python -m serve_app.client preview --config my_job.yaml --lora my_job/my_job.safetensors --out previews/
 
-The first sends one prompt to /v1/generate, or with --async to /v1/inference, polling until the job
-ends, and writes the image to --out. `preview` reads an ai-toolkit job config (its trigger word,
-`sample:` section, `model.quantize` and name) and asks /v1/previews for the run's sample grid, on
-the preview model that matches the run (`flux-preview` when quantized, else `flux-preview-bf16`);
-the LoRA is a source the server can read (nothing is uploaded). The API key, if the server wants
-one, comes from the FLUX_SERVE_API_KEY environment variable.
+The first sends one prompt to /v1/generate, or with --async to /v1/inference, following the job's
+event stream with a progress bar until it ends, and writes the image to --out. `preview` reads an
+ai-toolkit job config (its trigger word, `sample:` section, `model.quantize` and name) and asks
+/v1/previews for the run's sample grid (with the same progress bar), on the preview model that
+matches the run (`flux-preview` when quantized, else `flux-preview-bf16`); the LoRA is a source the
+server can read (nothing is uploaded). The API key, if the server wants one, comes from the
+FLUX_SERVE_API_KEY environment variable.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
-import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import httpx
+
+FINISHED = ("succeeded", "failed", "canceled")
+STREAM_ATTEMPTS = 5  # a broken event stream is opened again: it starts with the job's status
+BAR_WIDTH = 30
 
 
 def build_request(args: argparse.Namespace) -> dict:
@@ -42,20 +49,67 @@ def run_sync(client: httpx.Client, body: dict) -> list[tuple[dict, bytes]]:
     return [(image, base64.b64decode(image["data"])) for image in answer.json()["images"]]
 
 
-def run_async(client: httpx.Client, body: dict, poll_s: float = 0.5, path: str = "/v1/inference"
+def run_async(client: httpx.Client, body: dict, out: TextIO | None = None, path: str = "/v1/inference"
               ) -> list[tuple[dict, bytes]]:
     answer = client.post(path, json=body)
     _raise_for_error(answer)
     request_id = answer.json()["request_id"]
-    while True:
-        status = client.get(f"/v1/requests/{request_id}/status").json()
-        if status["status"] in ("succeeded", "failed", "canceled"):
-            break
-        time.sleep(poll_s)
+    status = follow_events(client, request_id, out or sys.stderr)
     if status["status"] != "succeeded":
         raise SystemExit(f"job {request_id} {status['status']}: {status['error_code']}: {status['error']}")
     result = client.get(f"/v1/requests/{request_id}/result").json()
     return [(image, client.get(image["url"]).content) for image in result["outputs"]["images"]]
+
+
+def follow_events(client: httpx.Client, request_id: str, out: TextIO) -> dict:
+    """Draw a progress bar from the job's event stream until its `end` event; return the final status."""
+    for _ in range(STREAM_ATTEMPTS):
+        try:
+            with client.stream("GET", f"/v1/requests/{request_id}/events") as answer:
+                if answer.status_code != 200:
+                    answer.read()
+                    _raise_for_error(answer)
+                for event, data in iter_sse(answer.iter_lines()):
+                    status = json.loads(data)
+                    out.write("\r" + progress_bar(status))
+                    out.flush()
+                    if event == "end":
+                        out.write("\n")
+                        return status
+        except httpx.TransportError as exc:
+            out.write(f"\nthe event stream broke off ({type(exc).__name__}); reopening it\n")
+    raise SystemExit(f"job {request_id}: the event stream kept breaking off")
+
+
+def iter_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) of each Server-Sent Events message; comments (keep-alives) are skipped."""
+    event, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+
+
+def progress_bar(status: dict) -> str:
+    """One line: a bar over all the job's denoising steps, the image and step running, and the status."""
+    progress = status.get("progress") or {}
+    images = max(progress.get("images", 1), 1)
+    done, step, steps = progress.get("images_done", 0), progress.get("step", 0), progress.get("steps", 0)
+    running = step / steps if steps and done < images and status["status"] == "in_progress" else 0.0
+    fraction = 1.0 if status["status"] == "succeeded" else min((done + running) / images, 1.0)
+    filled = round(fraction * BAR_WIDTH)
+    return (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction:4.0%}  image {min(done + 1, images)}/{images}"
+            f"  step {step}/{steps}  {status['status']:<11}")
 
 
 def _raise_for_error(answer: httpx.Response) -> None:
@@ -138,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--format", choices=["jpeg", "png", "webp"], default="jpeg")
-    parser.add_argument("--async", dest="use_async", action="store_true", help="submit a job and poll it")
+    parser.add_argument("--async", dest="use_async", action="store_true",
+                        help="submit a job and follow its progress until it ends")
     parser.add_argument("--out", default="image.jpg")
     args = parser.parse_args(argv)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,8 +23,11 @@ from pydantic import (
     model_validator,
 )
 
+from serve_app.engine.url_policy import HostPolicy
+
 TINY_SOURCE = "tiny"
 GENERATOR_PREFIX = "FluxGenerator-"
+JOBS_DEPLOYMENT = "FluxJobs"  # generators look it up by name to report progress
 
 # A model id names its generator deployment (`FluxGenerator-<id>`), so it keeps to characters that
 # every part of Serve and Prometheus takes as they are (Serve reserves '#').
@@ -228,16 +231,87 @@ class LoraArgs(StrictModel):
         return self
 
 
+MEMORY_STORE = "memory"
+
+
 class JobArgs(StrictModel):
-    max_jobs: PositiveInt = Field(1000, description="Finished jobs kept; the oldest are dropped first")
-    ttl_s: PositiveFloat = Field(3600.0, description="Seconds a finished job's result is kept")
+    store: str = Field(
+        ".flux-serve/jobs",
+        description="Where job records and result images live: a directory (local, or a mount every node "
+        "shares), an fsspec URL (`s3://bucket/prefix`, `gs://...`), or `memory` (tests: lost with the replica)",
+    )
+    store_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options of a URL store (e.g. `client_kwargs.endpoint_url`); credentials "
+        "belong in the environment (AWS_ACCESS_KEY_ID, ...), never in the YAML",
+    )
+    lease_s: PositiveFloat = Field(
+        10.0,
+        description="How long FluxJobs' hold on the store lasts without renewal: a replacement replica waits "
+        "for it when its predecessor died without releasing it",
+    )
+    max_jobs: PositiveInt = Field(1000, description="Finished jobs kept; the oldest-finished are dropped first")
+    ttl_s: PositiveFloat = Field(
+        3600.0, description="Seconds a finished job is kept at least, unless max_jobs or the byte cap prunes it"
+    )
     max_result_bytes: PositiveInt = Field(
-        2 * 2**30, description="Image bytes of finished jobs kept in memory; the oldest jobs are dropped first"
+        2 * 2**30, description="Image bytes of finished jobs kept in the store; the oldest-finished are dropped first"
     )
     max_dispatched_items: PositiveInt = Field(
         64, description="Async work items sent to the generators at once; the rest wait `in_queue`"
     )
     timeout_s: PositiveFloat = Field(600.0, description="Seconds a request may take, queueing included")
+
+    @property
+    def in_memory(self) -> bool:
+        return self.store == MEMORY_STORE
+
+    @property
+    def is_directory(self) -> bool:
+        return not self.in_memory and "://" not in self.store
+
+
+class WebhookArgs(StrictModel):
+    """Where `webhook_url` may point, and how deliveries are signed and retried (SPEC section 9)."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts a webhook_url may name, exactly as spelled: `name` or `IP` (any port), `name:port` "
+        "or `IP:port` (that port only), `.domain` (it and its subdomains); empty: webhooks are refused",
+    )
+    allow_private_addresses: bool = Field(
+        False, description="Allow webhooks to loopback, private and link-local addresses (local use, tests)"
+    )
+    secret_env: str = Field(
+        "FLUX_SERVE_WEBHOOK_SECRET", description="Environment variable holding the signing secret"
+    )
+    secret_file: str | None = Field(
+        None, description="File holding the signing secret, read when the environment variable is unset"
+    )
+    generate_secret: bool = Field(
+        False, description="Write a random secret to `secret_file` on start if neither it nor the variable is set"
+    )
+    max_attempts: int = Field(5, ge=1, le=20, description="Deliveries tried in all; any answer but 2xx is retried")
+    backoff_s: PositiveFloat = Field(2.0, description="Wait before the first retry; each next one waits twice as long")
+    timeout_s: PositiveFloat = Field(10.0, description="Longest wait for a connection or an answer, per attempt")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allowed_hosts)
+
+    @model_validator(mode="after")
+    def _hosts_parse_and_a_generated_secret_has_a_file(self) -> WebhookArgs:
+        bad = []
+        for entry in self.allowed_hosts:
+            try:
+                HostPolicy([entry], allow_private=False)
+            except ValueError:
+                bad.append(entry)
+        if bad:
+            raise ValueError(f"webhooks.allowed_hosts: not a host, host:port or .domain entry: {bad}")
+        if self.generate_secret and not self.secret_file:
+            raise ValueError("webhooks.generate_secret needs webhooks.secret_file (where to write it)")
+        return self
 
 
 class AppArgs(StrictModel):
@@ -248,6 +322,7 @@ class AppArgs(StrictModel):
     limits: Limits = Field(default_factory=Limits)
     jobs: JobArgs = Field(default_factory=JobArgs)
     auth: AuthArgs = Field(default_factory=AuthArgs)
+    webhooks: WebhookArgs = Field(default_factory=WebhookArgs)
     base_url: str | None = Field(None, description="Prefix for status/result/image URLs; paths if unset")
     cors_origins: list[str] = Field(default_factory=list)
     strict_reference: bool = Field(False, description="Answer SINGLE_LORA_ONLY / LORA_FILE_REQUIRED like the reference")
@@ -271,16 +346,24 @@ class AppArgs(StrictModel):
         return next((m for m in self.models if m.id == model_id), None)
 
     def resolved(self, start_dir: str | None = None) -> AppArgs:
-        """A copy with the LoRA root and cache resolved to absolute paths, once, by the app builder.
+        """A copy with local paths (LoRA root and cache, a directory job store, the webhook secret file)
+        resolved to absolute paths, once, by the app builder.
 
         Relative paths are taken against the directory `serve run` starts in, so every replica
         (whatever its working directory) sees the same files.
         """
         base = Path(start_dir or os.getcwd())
+
+        def absolute(path: str) -> str:
+            return str((base / path).resolve())
+
         loras = self.loras.model_copy(
-            update={
-                "root": str((base / self.loras.root).resolve()),
-                "cache_dir": str((base / self.loras.cache_dir).resolve()),
-            }
+            update={"root": absolute(self.loras.root), "cache_dir": absolute(self.loras.cache_dir)}
         )
-        return self.model_copy(update={"loras": loras})
+        jobs = self.jobs
+        if jobs.is_directory:
+            jobs = jobs.model_copy(update={"store": absolute(jobs.store)})
+        webhooks = self.webhooks
+        if webhooks.secret_file:
+            webhooks = webhooks.model_copy(update={"secret_file": absolute(webhooks.secret_file)})
+        return self.model_copy(update={"loras": loras, "jobs": jobs, "webhooks": webhooks})

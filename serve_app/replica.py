@@ -53,6 +53,8 @@ MAX_TOKENS = 1024  # request tokens kept for the reads of files they fetched (LR
 Outcome = ItemResult | ApiError
 Encoder = Callable[[Image.Image, str], bytes]
 LoadSet = Callable[[tuple[LoraUse, ...]], Awaitable[LoraSet]]
+# Told (the call's items, step done, steps) after each denoising step, on the engine thread: keep it quick.
+StepsDone = Callable[[Sequence[WorkItem], int, int], None]
 
 
 class ReplicaObserver:
@@ -169,6 +171,7 @@ class GeneratorReplica:
             `@serve.multiplexed` one.
         observer: told what happens, for metrics.
         encode: image encoder (format → bytes).
+        on_steps: told each denoising step of each call (progress of async jobs), on the engine thread.
     """
 
     def __init__(
@@ -181,12 +184,14 @@ class GeneratorReplica:
         lora_sets: Callable[[LoadSet, int], LoraSets] = LocalLoraSets,
         observer: ReplicaObserver | None = None,
         encode: Encoder = encode_image,
+        on_steps: StepsDone | None = None,
     ):
         self.engine = engine
         self.sources = sources
         self.settings = settings
         self.observer = observer or ReplicaObserver()
         self.encode = encode
+        self.on_steps = on_steps
         self.adapters = AdapterCache(
             engine, sources, on_load=self.observer.lora_loaded, on_evict=self.observer.lora_set_evicted
         )
@@ -326,7 +331,16 @@ class GeneratorReplica:
         if key.lora_mode and key.loras:  # a preview request's own choice (merged or hook)
             mode = CallMode(mode.speed_tier, key.lora_mode)
         start = time.perf_counter()
-        images = self.engine.generate(items, adapters, should_stop=lambda: all(self._is_dead(i) for i in items))
+        on_step = None
+        if self.on_steps is not None:
+            on_steps = self.on_steps
+
+            def on_step(step: int, steps: int) -> None:
+                on_steps(items, step, steps)
+
+        images = self.engine.generate(
+            items, adapters, should_stop=lambda: all(self._is_dead(i) for i in items), on_step=on_step
+        )
         seconds = time.perf_counter() - start
         self.observer.call_done(key, len(items), seconds)
         stats = self.engine.compile_stats()

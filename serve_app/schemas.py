@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from serve_app.engine.url_policy import UrlRefused, split_url
+
 MAX_SEED = 2**64 - 1
 # The API's own defaults (the reference's). Steps and guidance default per model: GET /v1/models.
 DEFAULT_SIZE = 1024
@@ -37,6 +39,18 @@ def _unicode_text(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode_text)]
+
+
+def _http_url(value: str) -> str:
+    """A webhook URL must be one we would send as it is: http(s), a host, no credentials (url_policy)."""
+    try:
+        split_url(value)
+    except UrlRefused as exc:
+        raise ValueError(f"not a usable http(s) URL: {exc.reason}") from None
+    return value
+
+
+WebhookUrl = Annotated[str, Field(max_length=2048), AfterValidator(_http_url)]
 
 
 def _finite(value: float | None) -> float | None:
@@ -94,6 +108,11 @@ class InferenceRequest(_Request):
     job_name: Text | None = Field(
         None, max_length=256, description="Preview models: the training job's name, for `[name]` in prompts"
     )
+    webhook_url: WebhookUrl | None = Field(
+        None,
+        description="Async requests only (POST /v1/inference): where the result is POSTed, signed, when the job "
+        "ends; its host must be in the server's webhooks.allowed_hosts",
+    )
 
     model_config = ConfigDict(
         extra="ignore",
@@ -134,6 +153,19 @@ class SubmitResponse(BaseModel):
     created_at: str
 
 
+class JobProgress(BaseModel):
+    images_done: int = Field(description="Images of the job finished so far")
+    images: int = Field(description="Images the job makes (one per prompt)")
+    step: int = Field(description="Denoising steps done by the running image furthest along (0 when none runs)")
+    steps: int = Field(description="Denoising steps of that image")
+
+
+class WebhookStatus(BaseModel):
+    delivered: bool = Field(description="The receiver answered 2xx")
+    attempts: int = Field(description="Deliveries tried so far")
+    last_error: str | None = Field(None, description="Why the last attempt failed; null once delivered")
+
+
 class StatusResponse(BaseModel):
     request_id: str
     status: JobStatus
@@ -142,6 +174,8 @@ class StatusResponse(BaseModel):
     finished_at: str | None = None
     error: str | None = None
     error_code: str | None = None
+    progress: JobProgress | None = Field(None, description="Updated as the pipeline steps")
+    webhook: WebhookStatus | None = Field(None, description="Only when the request gave a webhook_url")
 
 
 class EffectiveSettings(BaseModel):

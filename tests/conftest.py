@@ -19,6 +19,19 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The small model's ops are too small for threads to pay, and on a busy 2-core machine two
+    threads wait on each other (one call took 3.7 s with 2 threads and 0.26 s with 1). Replicas of
+    the serve tests run with `torch_threads: 1` for the same reason."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def flux_cache(tmp_path_factory) -> Path:
     """A private cache for the built-in model, so tests never write to the home directory."""

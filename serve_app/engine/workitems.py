@@ -72,9 +72,11 @@ class WorkItem:
     neg: str = ""
     output_format: str = "jpeg"
     deadline: float | None = field(default=None, compare=False)
+    report_progress: bool = field(default=False, compare=False)  # an async job's item: tell FluxJobs its steps
 
     # What may differ between the images of one pipeline call; everything else is in `key`.
-    PER_IMAGE = frozenset({"request_id", "index", "prompt", "seed", "neg", "output_format", "deadline"})
+    PER_IMAGE = frozenset({"request_id", "index", "prompt", "seed", "neg", "output_format", "deadline",
+                           "report_progress"})
 
     @property
     def ref(self) -> tuple[str, int]:

@@ -9,12 +9,13 @@ routes (`serving/playground.py`: `/` and its files) need no key, as /health.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
@@ -52,6 +53,8 @@ class IngressService(Protocol):
 
     async def cancel(self, request_id: str) -> StatusResponse: ...
 
+    async def events(self, request_id: str) -> AsyncIterator[bytes]: ...
+
     async def generate(self, body: InferenceRequest, timeout_s: float) -> GenerateResponse: ...
 
     async def models(self) -> ModelList: ...
@@ -80,7 +83,8 @@ router = APIRouter(dependencies=[Depends(authorized)])
 
 @router.post("/v1/inference", response_model=SubmitResponse)
 async def submit(body: InferenceRequest, timeout: float = Depends(timeout_s), ingress=Depends(service)):
-    """Queue an async job: one image per prompt. Poll `status_url`, then read `result_url`."""
+    """Queue an async job: one image per prompt. Poll `status_url` (or stream `/events`), then read `result_url`;
+    with `webhook_url`, the result is also POSTed there, signed, when the job ends."""
     return await ingress.submit(body, timeout)
 
 
@@ -111,6 +115,20 @@ async def image(request_id: str, index: int, ingress=Depends(service)):
     return Response(content=data, media_type=CONTENT_TYPES[fmt])
 
 
+@router.get(
+    "/v1/requests/{request_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "`event: status` with the status JSON at each change, then `event: end`"}},
+)
+async def events(request_id: str, ingress=Depends(service)):
+    """Server-Sent Events of a job: its status (progress included) at each change, a last `end` event
+    with the final status, then the stream closes; a finished job gets the `end` event at once."""
+    stream = await ingress.events(request_id)
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 @router.delete("/v1/requests/{request_id}", response_model=StatusResponse)
 async def cancel(request_id: str, ingress=Depends(service)):
     """Cancel a job: queued work never runs; a running call stops at its next step if it serves no one else."""
@@ -119,7 +137,7 @@ async def cancel(request_id: str, ingress=Depends(service)):
 
 @router.post("/v1/generate", response_model=GenerateResponse)
 async def generate(body: InferenceRequest, timeout: float = Depends(timeout_s), ingress=Depends(service)):
-    """Generate synchronously; images come back inline as base64."""
+    """Generate synchronously; images come back inline as base64 (`webhook_url` is refused: 422)."""
     return await ingress.generate(body, timeout)
 
 

@@ -10,6 +10,9 @@ tested without Ray. This shell wires it to Serve:
 - `reconfigure` validates the deployment's `user_config` as `BatchSettings` (an unknown key fails
   the deploy with its name) and applies it live.
 - `ray.serve.metrics` (serving/metrics.py) observes the replica.
+- each denoising step of an async job's image goes to FluxJobs through a `ProgressForwarder`
+  (serving/progress.py): coalesced, sent from the event loop, never waited for by the engine. The
+  FluxJobs handle is looked up at run time: binding it here would make the app a cycle.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from dataclasses import dataclass
 import ray
 import torch
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import BatchSettings, LoraArgs, ModelArgs
+from serve_app.config import JOBS_DEPLOYMENT, BatchSettings, LoraArgs, ModelArgs
 from serve_app.engine.adapters import LoraSet
 from serve_app.engine.factory import build_engine
 from serve_app.engine.lora_sources import LoraSources
@@ -29,6 +33,7 @@ from serve_app.engine.workitems import ItemResult, LoraUse, WorkItem
 from serve_app.errors import ApiError
 from serve_app.replica import GeneratorReplica, LoadSet, LoraState, ReplicaState
 from serve_app.serving.metrics import GeneratorMetrics
+from serve_app.serving.progress import ItemProgress, ProgressForwarder
 
 MAX_CONCURRENT_BATCHES = 2  # one generating, one encoding (the pipeline lock serializes generation)
 
@@ -75,6 +80,8 @@ class FluxGenerator:
         self.metrics = GeneratorMetrics(model.id)
         engine = build_engine(model)
         engine.warmup()  # a compiled engine compiles its warm-up shapes before the replica reports healthy
+        self._jobs: DeploymentHandle | None = None
+        self.progress = ProgressForwarder(self._send_progress, asyncio.get_running_loop())
         self.replica = GeneratorReplica(
             engine,
             LoraSources(loras),
@@ -82,6 +89,7 @@ class FluxGenerator:
             max_lora_sets=loras.max_adapters_per_replica,
             lora_sets=ServeLoraSets,
             observer=self.metrics,
+            on_steps=self.progress.report,
         )
 
         async def run_batch(items: list[WorkItem]) -> list[ItemResult | ApiError]:
@@ -117,6 +125,11 @@ class FluxGenerator:
         except asyncio.CancelledError:
             self.replica.cancel(item)  # the caller gave up (job cancel or timeout)
             raise
+
+    async def _send_progress(self, updates: list[ItemProgress]) -> None:
+        if self._jobs is None:
+            self._jobs = serve.get_deployment_handle(JOBS_DEPLOYMENT, serve.get_replica_context().app_name)
+        await self._jobs.progress.remote(updates)
 
     async def ready(self) -> bool:
         """Answered by the event loop, never behind the pipeline: the health probe's ping."""

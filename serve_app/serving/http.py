@@ -13,7 +13,7 @@ from serve_app.errors import ApiError
 
 def api_error_response(exc: ApiError, status: int | None = None) -> JSONResponse:
     headers = None
-    if exc.code == errors.OVERLOADED:
+    if exc.code in (errors.OVERLOADED, errors.JOBS_UNAVAILABLE):
         headers = {"Retry-After": str(exc.details.get("retry_after_s", 5))}
     elif exc.code == errors.UNAUTHORIZED:
         headers = {"WWW-Authenticate": "Bearer"}

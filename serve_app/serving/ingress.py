@@ -4,6 +4,10 @@ The HTTP routes are `serving.api` (one FastAPI app per replica, from `__serve_bu
 this class is the service they call. Validation is `serve_app.requests`, the LoRA policy
 `engine.lora_sources`, async jobs live in the FluxJobs deployment, generation in one generator
 deployment per model (`FluxGenerator-<id>`).
+
+Every call to FluxJobs goes through `_ask_jobs`: a call cut off by the death of the FluxJobs
+replica is sent again (with backoff, for up to JOBS_RETRY_S) and reaches its replacement, which
+has read the jobs back from the store; a repeated submit answers the job already accepted.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import errors
@@ -41,13 +48,17 @@ from serve_app.schemas import (
 )
 from serve_app.serving.api import build_api
 from serve_app.serving.dispatch import Generators
+from serve_app.serving.events import JobUpdate, status_events
 from serve_app.serving.guards import InFlight, load_api_key
 from serve_app.serving.health import health_response, model_health
 from serve_app.serving.outputs import Links, inline_image, with_matched_modules
+from serve_app.serving.webhooks import WebhookPolicy
 
 logger = logging.getLogger("ray.serve")
 
 HEALTH_TIMEOUT_S = 5.0
+JOBS_RETRY_S = 60.0  # how long a call to FluxJobs keeps being sent again while its replica is replaced
+EVENTS_POLL_S = 15.0  # one long-poll of an event stream; a keep-alive goes out after each quiet one
 
 
 class FluxIngress:
@@ -59,6 +70,7 @@ class FluxIngress:
         self.links = Links(args.base_url)
         self.sources = LoraSources(args.loras)
         self.downloader = Downloader(self.sources)
+        self.webhooks = WebhookPolicy(args.webhooks)
         self.api_key = load_api_key(args.auth)
         self.sync_in_flight = InFlight(args.limits.max_sync_items_per_ingress, args.limits.retry_after_s)
         self.context = serve.get_replica_context()
@@ -70,8 +82,12 @@ class FluxIngress:
     async def submit(self, body: InferenceRequest, timeout_s: float) -> SubmitResponse:
         request_id = uuid.uuid4().hex
         items = self._work_items(body, request_id, timeout_s)
-        status = await self.jobs.submit.remote(request_id, items, self._metadata(body, items), timeout_s,
-                                               request_tokens(body, items))
+        if body.webhook_url is not None:
+            await self._check_webhook(body.webhook_url)
+        status = await self._ask_jobs(
+            "submit", request_id, items, self._metadata(body, items), timeout_s, body.webhook_url,
+            request_tokens(body, items),
+        )
         logger.info("job %s queued: %d items of model %s", request_id, len(items), body.model)
         return SubmitResponse(
             request_id=request_id,
@@ -89,18 +105,32 @@ class FluxIngress:
         return await self.submit(preview_request(body), timeout_s)
 
     async def status(self, request_id: str) -> StatusResponse:
-        return await self.jobs.status.remote(request_id)
+        return await self._ask_jobs("status", request_id)
 
     async def result(self, request_id: str) -> ResultResponse:
-        return await self.jobs.result.remote(request_id)
+        return await self._ask_jobs("result", request_id)
 
     async def image(self, request_id: str, index: int) -> tuple[bytes, str]:
-        return await self.jobs.image.remote(request_id, index)
+        return await self._ask_jobs("image", request_id, index)
 
     async def cancel(self, request_id: str) -> StatusResponse:
-        return await self.jobs.cancel.remote(request_id)
+        return await self._ask_jobs("cancel", request_id)
+
+    async def events(self, request_id: str) -> AsyncIterator[bytes]:
+        """The job's Server-Sent Events (serving/events.py); REQUEST_NOT_FOUND before the stream starts."""
+        first: JobUpdate = await self._ask_jobs("wait_change", request_id, None, 0.0)
+
+        async def next_update(version: str) -> JobUpdate | None:
+            try:
+                return await self._ask_jobs("wait_change", request_id, version, EVENTS_POLL_S)
+            except ApiError:  # gone (retention), or FluxJobs did not come back in time
+                return None
+
+        return status_events(first, next_update)
 
     async def generate(self, body: InferenceRequest, timeout_s: float) -> GenerateResponse:
+        if body.webhook_url is not None:
+            raise validation_error(["body", "webhook_url"], "webhooks are for async requests (POST /v1/inference)")
         request_id = uuid.uuid4().hex
         items = self._work_items(body, request_id, timeout_s)
         tokens = request_tokens(body, items)
@@ -147,6 +177,29 @@ class FluxIngress:
         return health_response(models, jobs_ok=answers[-1])
 
     # ---- helpers ----------------------------------------------------------------------------
+
+    async def _ask_jobs(self, method: str, *args):
+        """Call FluxJobs, sending the call again while a dead replica of it is replaced (module docstring)."""
+        deadline = time.monotonic() + JOBS_RETRY_S
+        delay = 0.25
+        while True:
+            try:
+                return await getattr(self.jobs, method).remote(*args)
+            except (RayActorError, ReplicaUnavailableError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise ApiError(errors.JOBS_UNAVAILABLE, "the job service is restarting; retry later",
+                                   {"retry_after_s": self.args.limits.retry_after_s}) from None
+                logger.warning("FluxJobs.%s: its replica was lost (%s); sending it again", method, type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 4.0)
+
+    async def _check_webhook(self, url: str) -> None:
+        """WEBHOOK_FORBIDDEN now, where the policy can tell; a name that does not resolve yet is let through
+        (each delivery checks again)."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.webhooks.check, url), timeout=HEALTH_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError):
+            pass
 
     def _work_items(self, body: InferenceRequest, request_id: str, timeout_s: float) -> list[WorkItem]:
         items = build_work_items(body, self.args, request_id, resolve_lora=self.sources.canonical)

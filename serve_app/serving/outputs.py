@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import base64
+from typing import Protocol
 
 from serve_app.engine.workitems import ItemResult
 from serve_app.schemas import EffectiveSettings, ImageOutput, InlineImage, ResultMetadata
+
+
+class ImageRecord(Protocol):
+    """What a stored result image (serving/records.StoredImage) holds of an ItemResult."""
+
+    index: int
+    format: str
+    width: int
+    height: int
+    seed: int
+    prompt: str
+    steps: int
+    guidance: float
+    multiplier: float | None
+    lora_mode: str
+    speed_tier: str
+    lora_modules: list[tuple[str, int]]
 
 
 class Links:
@@ -24,7 +42,8 @@ class Links:
         return f"{self._base}/v1/requests/{request_id}/images/{index}"
 
 
-def _image_fields(result: ItemResult, preview: bool) -> dict:
+def image_fields(result: ItemResult | ImageRecord, preview: bool) -> dict:
+    """An image entry's fields, from a fresh result or a stored one (they name the same attributes)."""
     fields = {"index": result.index, "format": result.format, "width": result.width, "height": result.height,
               "seed": result.seed}
     if preview:  # what ai-toolkit's flags and floors made of the prompt, and how the LoRA ran
@@ -36,14 +55,14 @@ def _image_fields(result: ItemResult, preview: bool) -> dict:
 
 
 def image_output(result: ItemResult, links: Links, preview: bool = False) -> ImageOutput:
-    return ImageOutput(**_image_fields(result, preview), url=links.image(result.request_id, result.index))
+    return ImageOutput(**image_fields(result, preview), url=links.image(result.request_id, result.index))
 
 
 def inline_image(result: ItemResult, preview: bool = False) -> InlineImage:
-    return InlineImage(**_image_fields(result, preview), data=base64.b64encode(result.data).decode())
+    return InlineImage(**image_fields(result, preview), data=base64.b64encode(result.data).decode())
 
 
-def with_matched_modules(metadata: ResultMetadata, result: ItemResult) -> ResultMetadata:
+def with_matched_modules(metadata: ResultMetadata, result: ItemResult | ImageRecord) -> ResultMetadata:
     """The metadata completed from a result: each LoRA with how many model modules its file matched (all
     items share them), and the speed tier and LoRA mode that drew the images."""
     loras = [lora.model_copy(update={"matched_modules": matched})

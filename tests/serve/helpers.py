@@ -38,12 +38,14 @@ def model_args(model_id: str = "flux", **fields) -> dict:
 
 
 def app_args(lora_root: Path, **overrides) -> AppArgs:
-    """Args for tests: the model `flux`, the test LoRA root, local URLs allowed. An override of a
+    """Args for tests: the model `flux`, the test LoRA root, local URLs allowed, jobs in memory (each
+    deployment starts with none; tests/serve/test_jobs.py uses a directory store). An override of a
     section (loras, limits, jobs...) is merged into it; `models` replaces the list."""
     base: dict[str, Any] = {
         "models": [model_args()],
         "loras": {"root": str(lora_root), "cache_dir": str(lora_root / ".url-cache"), "allowed_hosts": ["127.0.0.1"],
                   "allow_private_addresses": True, "max_adapters_per_replica": 4},
+        "jobs": {"store": "memory"},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

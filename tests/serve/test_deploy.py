@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,9 @@ from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import AppArgs
+from serve_app.serving.webhooks import SIGNATURE_HEADER, verify
 from tests.serve.helpers import free_port
+from tests.support.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["deploy/local.yaml", "deploy/flux-dev.yaml"]
@@ -124,6 +127,7 @@ def test_serve_run_of_local_yaml_answers_the_example_request_then_stops(tmp_path
         assert Image.open(io.BytesIO(base64.b64decode(image["data"]))).size == (1024, 1024)
         assert (tmp_path / ".flux-serve/loras/demo/demo_lora.safetensors").exists()
         _assert_goldens_reproduced(url)
+        _check_a_job_is_stored_and_its_webhook_signed(url, tmp_path)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -155,6 +159,20 @@ def _assert_goldens_reproduced(url: str) -> None:
             theirs = np.asarray(image).astype(np.int16)
         difference = np.abs(ours - theirs)
         assert difference.max() <= RESIDUAL[name][0] and difference.mean() <= RESIDUAL[name][1], name
+
+
+def _check_a_job_is_stored_and_its_webhook_signed(url: str, start_dir: Path) -> None:
+    """local.yaml keeps jobs in .flux-serve/jobs and signs webhooks to loopback with a generated secret."""
+    with Receiver() as receiver:
+        request = {"model": "flux", "prompts": [{"prompt": "a job", "width": 64, "height": 64, "sample_steps": 2}],
+                   "webhook_url": receiver.url}
+        request_id = httpx.post(f"{url}/v1/inference", json=request, timeout=30).json()["request_id"]
+        [delivery] = receiver.wait_for(1, timeout_s=60)
+    secret = (start_dir / ".flux-serve/webhook_secret").read_text().strip()
+    assert verify(secret, delivery.headers[SIGNATURE_HEADER], delivery.body)
+    assert json.loads(delivery.body)["status"] == "succeeded"
+    assert (start_dir / f".flux-serve/jobs/records/{request_id}.json").exists()
+    assert (start_dir / f".flux-serve/jobs/images/{request_id}/0").exists()
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:

@@ -48,6 +48,17 @@ def wait_status(url, request_id, wanted, timeout_s=60) -> dict:
     return helpers.wait_status(url, request_id, wanted, timeout_s, headers=AUTH)
 
 
+def wait_steps(url, request_id, steps: int, timeout_s: float = 60) -> dict:
+    """Wait until the job's running image has done `steps` denoising steps (its status' progress)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = httpx.get(f"{url}/v1/requests/{request_id}/status", headers=AUTH).json()
+        if status["progress"]["step"] >= steps:
+            return status
+        time.sleep(0.02)
+    raise TimeoutError(f"{request_id} never reached step {steps}: {status}")
+
+
 def wait_idle(settle_s: float = 0.5) -> int:
     """Wait until the generator runs no more steps; return its step count."""
     steps = steps_run()
@@ -193,34 +204,37 @@ def test_a_sync_timeout_is_504_and_stops_the_work(url):
 def test_cancel_of_a_running_lone_job_stops_its_pipeline_early(url):
     before = wait_idle()
     job = httpx.post(f"{url}/v1/inference", json=request([{"prompt": "slow", **LONG}]), headers=AUTH).json()
-    wait_status(url, job["request_id"], ("in_progress",))
-    time.sleep(1.0)  # a few steps in
+    wait_steps(url, job["request_id"], 2)  # a few steps in (however slow the machine is)
     cancelled = httpx.delete(f"{url}/v1/requests/{job['request_id']}", headers=AUTH).json()
     assert cancelled["status"] == "canceled" and cancelled["error_code"] == errors.CANCELED
     steps = wait_idle() - before
-    assert 0 < steps < LONG["sample_steps"]
-    print(f"cancelled after 1 s: {steps} of {LONG['sample_steps']} steps ran")
+    assert 2 <= steps < LONG["sample_steps"]
+    print(f"cancelled a few steps in: {steps} of {LONG['sample_steps']} steps ran")
     # A late finisher never overwrites the cancel.
     assert httpx.get(f"{url}/v1/requests/{job['request_id']}/status", headers=AUTH).json()["status"] == "canceled"
 
 
 def test_cancelling_one_job_leaves_the_other_job_in_its_call_intact(url):
     shape = {"width": 256, "height": 256, "sample_steps": 100}
-    blocker_steps = 150
-    idle = wait_idle()
-    # A long blocker of another shape holds the pipeline, so both jobs wait at the gate and share the next call.
-    blocker = httpx.post(f"{url}/v1/inference", json=request([{"prompt": "blocker", "width": 256, "height": 256,
-                                                               "sample_steps": blocker_steps}]), headers=AUTH).json()
-    wait_status(url, blocker["request_id"], ("in_progress",))
+    wait_idle()
+    # A long blocker of another shape holds the pipeline, so both jobs wait at the gate; cancelling it then lets
+    # them share the next call without waiting for the blocker's last step.
+    blocker = httpx.post(f"{url}/v1/inference", json=request([{"prompt": "blocker", **LONG}]), headers=AUTH).json()
+    wait_steps(url, blocker["request_id"], 1)  # its call runs: the batch window that took it has closed
     jobs = [httpx.post(f"{url}/v1/inference", json=request([{"prompt": p, "seed": s, **shape}], output_format="png"),
                        headers=AUTH).json() for p, s in (("keep me", 1), ("drop me", 2))]
     keep, drop = jobs
     deadline = time.time() + 60
     while generator_state().batching.waiting_items < 2:  # both wait at the gate behind the blocker
-        assert time.time() < deadline and steps_run() < idle + blocker_steps, "the blocker ended before both arrived"
+        assert time.time() < deadline, "the jobs never reached the gate"
         time.sleep(0.01)
-    while steps_run() < idle + blocker_steps + 5:  # the blocker is done and the shared call a few steps in
+    httpx.delete(f"{url}/v1/requests/{blocker['request_id']}", headers=AUTH)
+    while generator_state().batching.waiting_items:  # the gate released both into one call
         assert time.time() < deadline, "the shared call never started"
+        time.sleep(0.01)
+    started = steps_run()
+    while steps_run() < started + 5:  # the shared call a few steps in
+        assert time.time() < deadline, "the shared call never ran"
         time.sleep(0.01)
     httpx.delete(f"{url}/v1/requests/{drop['request_id']}", headers=AUTH)
     assert wait_status(url, keep["request_id"], ("succeeded", "failed"))["status"] == "succeeded"

@@ -44,6 +44,8 @@ class SpyEngine:
 
         def count(step, total):
             call["steps"] = step
+            if on_step is not None:
+                on_step(step, total)
 
         try:
             if any(FAIL in item.prompt for item in items):
@@ -111,6 +113,18 @@ def test_the_pixel_budget_cuts_calls(spy, lora_root):
     spy.calls.clear()
     run(make_replica(spy, lora_root, pixel_budget=1), [item("big", size=128), item("big2", size=128)])
     assert [len(call["refs"]) for call in spy.calls] == [1, 1]  # an image over the budget runs alone
+
+
+def test_each_denoising_step_is_reported_with_the_calls_items_on_the_engine_thread(spy, lora_root):
+    reports = []
+    sources = LoraSources(LoraArgs(root=str(lora_root), cache_dir=str(lora_root / ".cache")))
+    replica = GeneratorReplica(spy, sources, BatchSettings(pixel_budget=10**9),
+                               on_steps=lambda items, step, steps: reports.append(
+                                   ([i.ref for i in items], step, steps, threading.current_thread().name)))
+    run(replica, [item("a", steps=3), item("b", steps=3)])
+    assert [(refs, step, steps) for refs, step, steps, _ in reports] == [
+        ([("a", 0), ("b", 0)], step, 3) for step in (1, 2, 3)]
+    assert {thread for *_, thread in reports} == {spy.calls[-1]["thread"]}
 
 
 def test_a_cancelled_item_stops_a_call_that_serves_nobody_else(spy, lora_root):

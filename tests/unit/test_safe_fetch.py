@@ -7,6 +7,7 @@ words, and says nothing of a redirect target (its address, port, status or first
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -38,8 +39,9 @@ def free_port() -> int:
 
 
 def assert_reveals_nothing(message: str, *secrets: object) -> None:
+    # A number only counts as revealed standing alone: the allowed host's own random port may hold "503".
     for secret in (SECRET.decode(), "Traceback", *map(str, secrets)):
-        assert secret not in message, (secret, message)
+        assert not re.search(rf"(?<![0-9]){re.escape(secret)}(?![0-9])", message), (secret, message)
 
 
 @pytest.mark.parametrize(

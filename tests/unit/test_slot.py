@@ -28,16 +28,6 @@ SLOT_RANK = 16
 TOLERANCE = 1e-5  # max abs difference of the transformer's output, fp32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The small model's ops are too small for threads to pay, and on a busy 2-core machine two
-    threads wait on each other: one call took 3.7 s with 2 threads and 0.26 s with 1."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def files(lora_root) -> dict[str, dict[str, torch.Tensor]]:
     return {name: load_file(str(lora_root / rel)) for name, rel in FILES.items()}
