@@ -254,6 +254,8 @@ class ModelCard(BaseModel):
     description: str
     base_model: str
     resolution_divisor: int
+    default_width: int = Field(description="width when a prompt gives none")
+    default_height: int = Field(description="height when a prompt gives none")
     default_steps: int
     default_guidance_scale: float
 

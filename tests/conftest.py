@@ -1,6 +1,8 @@
-"""Shared fixtures: the built-in small model and LoRA files, built once per test session.
+"""Shared fixtures: the built-in small model, LoRA files and one local Ray Serve, made once per test session.
 
-Everything is made here, offline: no weights are committed and nothing is downloaded.
+Everything is made here, offline: no weights are committed and nothing is downloaded. The Ray
+fixture lives here, not under tests/serve/, because the serve and the browser tests share it: a
+fixture imported into a second conftest is a second fixture, and would start Ray twice.
 """
 
 from __future__ import annotations
@@ -58,3 +60,38 @@ def lora_root(tmp_path_factory) -> Path:
     if hasattr(tiny, "write_xlabs_lora"):
         tiny.write_xlabs_lora(root / "xlabs.safetensors")
     return root
+
+
+@pytest.fixture(scope="session")
+def serve_url(flux_cache, tiny_dir, tmp_path_factory) -> str:
+    """One real local Ray Serve for the whole session, on 127.0.0.1 and a free port (never 8000).
+
+    Each test module deploys the application with the args it needs (`tests.serve.helpers.deploy_app`)
+    and talks to it over real HTTP. Replicas import this checkout (PYTHONPATH), including the test
+    engine (tests/support/engines.py), which writes its call records under a session directory.
+    """
+    import ray
+    from ray import serve
+
+    from tests.serve.helpers import free_port
+    from tests.support.engines import RECORDS_ENV
+
+    root = Path(__file__).resolve().parents[1]
+    records = tmp_path_factory.mktemp("engine-records")
+    os.environ[RECORDS_ENV] = str(records)
+    port = free_port()
+    ray.init(
+        address="local",
+        num_cpus=4,  # logical: the ingress and jobs reserve 0, each generator 1
+        include_dashboard=False,
+        object_store_memory=100 * 2**20,
+        log_to_driver=False,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {"FLUX_SERVE_CACHE": str(flux_cache), "HF_HUB_OFFLINE": "1",
+                                  RECORDS_ENV: str(records), "PYTHONPATH": str(root)}},
+        _metrics_export_port=free_port(),
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()

@@ -3,7 +3,8 @@
 Each route takes the request's service from `request.app.state` (as vLLM's routers do) and returns
 the response model it declares. `build_api` assembles one FastAPI app per ingress replica (Serve
 asks each replica for its app), with the middleware its args call for. Every error leaves in one
-envelope: {"error": {"code", "message", "details"}} (`errors.ApiError.to_body`).
+envelope: {"error": {"code", "message", "details"}} (`errors.ApiError.to_body`). The playground's
+routes (`serving/playground.py`: `/` and its files) need no key, as /health.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from serve_app.schemas import (
     StatusResponse,
     SubmitResponse,
 )
+from serve_app.serving import playground
 from serve_app.serving.guards import check_api_key, request_timeout
 from serve_app.serving.http import BodySizeLimit, ReplicaHeader, api_error_response, validation_error_response
 
@@ -175,6 +177,7 @@ def build_api(ingress: IngressService, args: AppArgs, api_key: str | None, repli
     api.state.api_key = api_key
     api.include_router(router)
     api.include_router(open_router)
+    api.include_router(playground.router)  # the page and its files: no key, like /health
     _add_error_handlers(api)
     api.add_middleware(BodySizeLimit, max_bytes=args.limits.max_body_bytes)
     api.add_middleware(ReplicaHeader, replica=replica)

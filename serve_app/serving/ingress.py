@@ -32,6 +32,7 @@ from serve_app.engine.workitems import WorkItem
 from serve_app.errors import ApiError, validation_error
 from serve_app.requests import build_work_items, preview_request, request_tokens
 from serve_app.schemas import (
+    DEFAULT_SIZE,
     RESOLUTION_DIVISOR,
     GenerateResponse,
     HealthResponse,
@@ -152,7 +153,8 @@ class FluxIngress:
     async def models(self) -> ModelList:
         return ModelList(models=[
             ModelCard(id=m.id, kind=m.kind, description=m.description, base_model=m.base_model,
-                      resolution_divisor=RESOLUTION_DIVISOR, default_steps=m.default_steps,
+                      resolution_divisor=RESOLUTION_DIVISOR, default_width=DEFAULT_SIZE, default_height=DEFAULT_SIZE,
+                      default_steps=m.default_steps,
                       default_guidance_scale=m.default_guidance_scale)
             for m in self.args.models
         ])
