@@ -24,6 +24,8 @@ pytestmark = pytest.mark.serve
 
 DEMO = "demo/demo_lora.safetensors"
 SMALL = {"width": 64, "height": 64, "sample_steps": 2}
+IDLE_FLUX = {"FluxGenerator-flux": {"autoscaling_config": {
+    "min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600}}}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,9 @@ def url(serve_url, lora_root):
     models = [model_args(),
               {**model_args("flux-preview", kind="preview", quantize=True), "engine": None},
               {**model_args("flux-preview-bf16", kind="preview", quantize=False), "engine": None}]
-    return deploy_app(serve_url, app_args(lora_root, models=models))
+    # `flux` is only refused here (a reference model on /v1/previews), never run: it scales to zero, one
+    # replica fewer to start.
+    return deploy_app(serve_url, app_args(lora_root, models=models), deployments=IDLE_FLUX)
 
 
 def pixels(data: bytes) -> np.ndarray:
