@@ -145,27 +145,14 @@ def test_a_stream_of_distinct_keys_leaves_no_state_behind(url, lora_root):
     assert all(c["keys"] == 1 for c in calls())
 
 
-def test_max_batch_size_of_a_deploy_takes_effect(url, lora_root):
-    before = configure(url, lora_root, **DEFAULT_USER_CONFIG)
-    after = configure(url, lora_root, max_batch_size=2, batch_wait_timeout_s=0.0)
-    assert (before.batching.settings.max_batch_size, after.batching.settings.max_batch_size) == (4, 2)
-
-    occupy(url)
-    prompts = [{"prompt": f"live {i}", "seed": i, "width": 64, "height": 64, "sample_steps": 1} for i in range(10)]
-    answers = asyncio.run(post_all(url, "/v1/generate", [request([p]) for p in prompts]))
-    assert all(a.status_code == 200 for a in answers)
-    sizes = [c["images"] for c in calls(a.json()["request_id"] for a in answers)]
-    assert sum(sizes) == 10 and max(sizes) == 2, sizes
-
-
-FAIL_PROMPTS = [{"prompt": "fine" if i != 2 else "[[fail]] broken", "seed": i, "width": 64, "height": 64,
-                 "sample_steps": 1} for i in range(4)]
+FAIL_PROMPTS = [{"prompt": "fine" if i != 1 else "[[fail]] broken", "seed": i, "width": 64, "height": 64,
+                 "sample_steps": 1} for i in range(2)]
 GOOD_PROMPTS = [{"prompt": f"neighbour {i}", "seed": 10 + i, "width": 64, "height": 64, "sample_steps": 1}
                 for i in range(2)]
 
 
 def test_a_failing_item_fails_only_its_own_sync_request(url, lora_root):
-    configure(url, lora_root, max_batch_size=8, batch_wait_timeout_s=0.0)  # the 6 items fit one batch
+    configure(url, lora_root, **DEFAULT_USER_CONFIG)  # the 4 items fit one batch
     occupy(url)
     failing, good = asyncio.run(post_all(url, "/v1/generate", [request(FAIL_PROMPTS), request(GOOD_PROMPTS)]))
     assert good.status_code == 200, good.text
@@ -178,7 +165,7 @@ def test_a_failing_item_fails_only_its_own_sync_request(url, lora_root):
 
 
 def test_a_failing_item_fails_only_its_own_async_job(url, lora_root):
-    configure(url, lora_root, max_batch_size=8, batch_wait_timeout_s=0.0)
+    configure(url, lora_root, **DEFAULT_USER_CONFIG)
     occupy(url)
     failing, good = asyncio.run(post_all(url, "/v1/inference", [request(FAIL_PROMPTS), request(GOOD_PROMPTS)]))
     failing_status = wait_finished(url, failing.json()["request_id"])
@@ -186,6 +173,19 @@ def test_a_failing_item_fails_only_its_own_async_job(url, lora_root):
     assert good_status["status"] == "succeeded", good_status
     assert failing_status["status"] == "failed" and failing_status["error_code"] == errors.GENERATION_FAILED
     assert any(not c["ok"] and c["images"] > 2 for c in calls([good.json()["request_id"]]))
+
+
+def test_max_batch_size_of_a_deploy_takes_effect(url, lora_root):
+    before = configure(url, lora_root, **DEFAULT_USER_CONFIG)
+    after = configure(url, lora_root, max_batch_size=2, batch_wait_timeout_s=0.0)
+    assert (before.batching.settings.max_batch_size, after.batching.settings.max_batch_size) == (4, 2)
+
+    occupy(url)
+    prompts = [{"prompt": f"live {i}", "seed": i, "width": 64, "height": 64, "sample_steps": 1} for i in range(10)]
+    answers = asyncio.run(post_all(url, "/v1/generate", [request([p]) for p in prompts]))
+    assert all(a.status_code == 200 for a in answers)
+    sizes = [c["images"] for c in calls(a.json()["request_id"] for a in answers)]
+    assert sum(sizes) == 10 and max(sizes) == 2, sizes
 
 
 def test_batch_metrics_are_exported_by_shape():
