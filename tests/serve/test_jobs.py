@@ -33,6 +33,7 @@ from tests.support.receiver import Receiver
 pytestmark = pytest.mark.serve
 
 SMALL = {"width": 64, "height": 64, "sample_steps": 2}
+LONG = {"width": 512, "height": 512, "sample_steps": 150}  # seconds on the small model
 STEPPED = {"width": 384, "height": 384, "sample_steps": 30}  # about 2 s on the small model: several updates
 LOAD_SHAPE = {"width": 256, "height": 256, "sample_steps": 16}  # a second or more: jobs queue up
 LEASE_S = 3.0
@@ -256,15 +257,12 @@ def finished_at(status: dict) -> float:
     return datetime.strptime(status["finished_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
-def an_unfinished_job(url: str, load: JobLoad, timeout_s: float = 60) -> str:
-    """One of the latest accepted jobs that FluxJobs reports unfinished now."""
+def wait_running(url: str, request_id: str, timeout_s: float = 60) -> None:
+    """Until the job's image has run a denoising step: its call is at a generator."""
     deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        for request_id in list(load.accepted)[-6:]:
-            if httpx.get(f"{url}/v1/requests/{request_id}/status").json()["status"] in ("in_queue", "in_progress"):
-                return request_id
+    while httpx.get(f"{url}/v1/requests/{request_id}/status").json()["progress"]["step"] < 1:
+        assert time.time() < deadline, f"{request_id} never started"
         time.sleep(0.05)
-    raise TimeoutError("no unfinished job to cut off")
 
 
 def test_killing_the_jobs_replica_under_load_loses_no_accepted_job(url):
@@ -274,7 +272,9 @@ def test_killing_the_jobs_replica_under_load_loses_no_accepted_job(url):
     load = JobLoad(url, clients=6).start()
     try:
         time.sleep(2)
-        unfinished = an_unfinished_job(url, load)
+        # A job seconds from its end when FluxJobs dies (the load's jobs may all end between a check and the kill).
+        unfinished = submit(url, body("cut off by the kill", LONG))
+        wait_running(url, unfinished)
         killed_at = time.time()
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         deadline = time.time() + 60
@@ -298,7 +298,9 @@ def test_killing_the_jobs_replica_under_load_loses_no_accepted_job(url):
     print(f"\nJOBS KILL: {len(load.accepted)} jobs accepted ({len(cut_off)} of them unfinished at the kill), "
           f"{counts}; {len(load.refused)} submits refused; status answered again {answering:.1f} s after the kill")
     assert jobs_actor() != victim
-    assert unfinished in cut_off and all(final[request_id]["status"] == "succeeded" for request_id in cut_off)
+    rerun = wait_finished(url, unfinished)  # run again by the replacement
+    assert rerun["status"] == "succeeded" and finished_at(rerun) > killed_at, rerun
+    assert all(final[request_id]["status"] == "succeeded" for request_id in cut_off)
     assert counts == {"succeeded": len(load.accepted)}, counts
     assert not load.refused, load.refused[:3]
     for request_id in finished_before:  # kept through the restart, images included
