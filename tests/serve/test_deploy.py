@@ -141,24 +141,16 @@ def test_serve_run_of_local_yaml_answers_the_example_request_then_stops(tmp_path
 
 def _assert_goldens_reproduced(url: str) -> None:
     """`make serve` answers ai-toolkit's golden preview requests with the golden images (within this CPU's
-    residual: tests/unit/test_preview_engine.py)."""
-    import numpy as np
+    residual: tests/unit/preview_goldens.py)."""
+    from bench.preview_goldens import Residual, png_pixels
+    from tests.unit.preview_goldens import GOLDEN_DIR, GOLDENS, assert_within_residual, load_golden
 
-    from tests.unit.preview_goldens import GOLDEN_DIR, GOLDENS, load_golden
-    from tests.unit.test_preview_engine import RESIDUAL
-
-    if not GOLDEN_DIR.is_dir():
-        return
     for name in GOLDENS:
         golden = load_golden(name)
         answer = httpx.post(f"{url}/v1/generate", json=golden["request"], timeout=180)
         assert answer.status_code == 200, answer.text
-        with Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]["data"]))) as image:
-            ours = np.asarray(image).astype(np.int16)
-        with Image.open(GOLDEN_DIR / golden["expected_png"]) as image:
-            theirs = np.asarray(image).astype(np.int16)
-        difference = np.abs(ours - theirs)
-        assert difference.max() <= RESIDUAL[name][0] and difference.mean() <= RESIDUAL[name][1], name
+        ours = png_pixels(base64.b64decode(answer.json()["images"][0]["data"]))
+        assert_within_residual(name, Residual.between(ours, png_pixels(GOLDEN_DIR / golden["expected_png"])))
 
 
 def _check_a_job_is_stored_and_its_webhook_signed(url: str, start_dir: Path) -> None:

@@ -8,17 +8,16 @@ says why and holds the bounds; 0 where the kernels match the machine that drew t
 from __future__ import annotations
 
 import base64
-import io
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from bench.preview_goldens import Residual, png_pixels
 from serve_app import errors
 from tests.serve.helpers import app_args, deploy_app, model_args, wait_finished
-from tests.unit.preview_goldens import GOLDEN_DIR, GOLDENS, load_golden, needs_goldens
-from tests.unit.test_preview_engine import RESIDUAL
+from tests.unit.preview_goldens import GOLDEN_DIR, GOLDENS, assert_within_residual, load_golden, needs_goldens
 
 pytestmark = pytest.mark.serve
 
@@ -42,11 +41,6 @@ def url(serve_url, lora_root):
     return deploy_app(serve_url, app_args(lora_root, models=models), deployments=IDLE_FLUX)
 
 
-def pixels(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image).astype(np.int16)
-
-
 def generate(url: str, body: dict) -> dict:
     answer = httpx.post(f"{url}/v1/generate", json=body, timeout=120)
     assert answer.status_code == 200, answer.text
@@ -58,13 +52,8 @@ def generate(url: str, body: dict) -> dict:
 def test_the_server_draws_ai_toolkits_preview(url, name):
     golden = load_golden(name)
     image = generate(url, golden["request"])["images"][0]
-    ours = pixels(base64.b64decode(image["data"]))
-    theirs = pixels((GOLDEN_DIR / golden["expected_png"]).read_bytes())
-    assert ours.shape == theirs.shape
-    difference = np.abs(ours - theirs)
-    print(f"\n{name} through the server: max {difference.max()}, mean {difference.mean():.4f} levels")
-    max_bound, mean_bound = RESIDUAL[name]
-    assert difference.max() <= max_bound and difference.mean() <= mean_bound
+    ours = png_pixels(base64.b64decode(image["data"]))
+    assert_within_residual(name, Residual.between(ours, png_pixels(GOLDEN_DIR / golden["expected_png"])))
     ran = golden["what_ai_toolkit_ran"]
     assert image["effective"] == {"prompt": ran["prompt"], "width": ran["width"], "height": ran["height"],
                                   "steps": ran["steps"], "guidance": ran["guidance"], "seed": ran["seed"],
@@ -79,7 +68,7 @@ def test_a_merged_call_at_another_multiplier_leaves_the_base_weights_as_they_wer
     other = {**request, "loras": [{"path": DEMO, "network_multiplier": 0.4}]}
     assert generate(url, other)["images"][0]["lora_mode"] == "merged"
     again = generate(url, request)["images"][0]["data"]
-    assert np.array_equal(pixels(base64.b64decode(first)), pixels(base64.b64decode(again)))
+    assert np.array_equal(png_pixels(base64.b64decode(first)), png_pixels(base64.b64decode(again)))
 
 
 def test_prompt_flags_name_and_trigger_and_sizes(url):
@@ -90,7 +79,7 @@ def test_prompt_flags_name_and_trigger_and_sizes(url):
     assert image["effective"] == {"prompt": "run7 by sks", "width": 96, "height": 64, "steps": 2,
                                   "guidance": 2.5, "seed": 9, "multiplier": 0.5}
     assert (image["width"], image["height"], image["seed"]) == (96, 64, 9)
-    assert pixels(base64.b64decode(image["data"])).shape[:2] == (64, 96)
+    assert png_pixels(base64.b64decode(image["data"])).shape[:2] == (64, 96)
 
 
 @pytest.mark.parametrize("flag,field", [("--w 8", "width"), ("--s 0", "sample_steps"), ("--cfg nan", "guidance_scale"),

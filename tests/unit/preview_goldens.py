@@ -1,42 +1,36 @@
 """The ai-toolkit preview goldens (../shared/golden/preview): outputs of ai-toolkit itself, used as fixtures.
 
-They are never regenerated with this project's code. A checkout without them skips the tests that
-need them; FLUX_SERVE_PREVIEW_GOLDENS points elsewhere.
+They are never regenerated with this project's code. Every `<name>.json` of the directory is a case
+(bench/preview_goldens.py reads and draws them); a checkout without them skips the tests that need
+them; FLUX_SERVE_PREVIEW_GOLDENS points elsewhere.
+
+The goldens were drawn on an AVX-512/AVX512_BF16 CPU. On this project's AVX2 machines g1 equals its
+golden but for a few values one level off, while g2 and g3 differ by up to 3 and 4 levels (mean 0.26
+and 0.39): the size a single 1-ulp bf16 change anywhere in the denoising produces in this small model.
+RESIDUAL holds those measured figures as upper bounds, so a regression fails and an exact CPU passes.
+A golden measured nowhere yet is held to KERNEL_NOISE: what swapping torch's vectorized CPU kernels for
+its plain ones moves the three by (ATEN_CPU_CAPABILITY=default: up to 4-6 levels, mean 0.48-0.53).
+That bound still catches a wrong quantization (15-18 levels, mean 2.3-2.7 in notes/preview.md) or a
+wrong flag, but not every small slip: the measured bounds of the known goldens do.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 
-from serve_app import preview_flags
+from bench.preview_goldens import GOLDEN_DIR, Residual, golden_names, load_golden
 
-GOLDEN_DIR = Path(
-    os.environ.get("FLUX_SERVE_PREVIEW_GOLDENS", Path(__file__).resolve().parents[3] / "shared/golden/preview")
-)
-GOLDENS = ("g1", "g2", "g3")
-needs_goldens = pytest.mark.skipif(not GOLDEN_DIR.is_dir(), reason=f"no preview goldens at {GOLDEN_DIR}")
+GOLDENS = golden_names()
+needs_goldens = pytest.mark.skipif(not GOLDENS, reason=f"no preview goldens at {GOLDEN_DIR}")
 
-
-def load_golden(name: str) -> dict:
-    return json.loads((GOLDEN_DIR / f"{name}.json").read_text())
+RESIDUAL = {"g1": (1, 0.01), "g2": (3, 0.27), "g3": (4, 0.39)}  # max and mean levels, measured on AVX2
+KERNEL_NOISE = (6, 0.6)
 
 
-def settings_for(golden: dict) -> preview_flags.PreviewSettings:
-    """A golden's request fields through the flag parser, the way the server calls it."""
-    request = golden["request"]
-    prompt = request["prompts"][0]
-    return preview_flags.resolve_preview_settings(
-        prompt["prompt"],
-        width=prompt["width"],
-        height=prompt["height"],
-        steps=prompt["sample_steps"],
-        guidance=prompt["guidance_scale"],
-        seed=prompt["seed"],
-        multiplier=request["loras"][0]["network_multiplier"],
-        trigger_word=request.get("trigger_word"),
-        job_name=request.get("job_name"),
-    )
+def assert_within_residual(name: str, residual: Residual) -> None:
+    print(f"\n{name}: {residual}")
+    max_bound, mean_bound = RESIDUAL.get(name, KERNEL_NOISE)
+    assert residual.max <= max_bound and residual.mean <= mean_bound, f"{name}: {residual}"
+
+
+__all__ = ["GOLDENS", "GOLDEN_DIR", "RESIDUAL", "assert_within_residual", "load_golden", "needs_goldens"]

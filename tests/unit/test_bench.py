@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from bench.compare import choose_pixel_budget
 from bench.load import Run, Sample, Shape, parse_shapes, percentile, summarize
+from tests.unit.preview_goldens import GOLDEN_DIR, GOLDENS, KERNEL_NOISE, RESIDUAL, load_golden, needs_goldens
 
 
 def test_percentiles_are_nearest_rank():
@@ -60,3 +62,21 @@ def test_the_gpu_benchmark_runs_every_phase_in_smoke_mode(tmp_path):
     assert report["slot_vs_peft_max_abs"] <= 1e-5 and report["swap_changes_image"]
     assert report["swap_s"] >= 0 and report["compile_s"] > 0 and "peak_gib" in report
     assert (tmp_path / "flux_fast_gpu.md").read_text().startswith("Device: cpu")
+
+
+@needs_goldens
+def test_the_golden_check_draws_every_golden_of_a_directory(tmp_path):
+    """`bench/preview_goldens.py`: the check a machine with other CPU kernels runs (a device's host, say)."""
+    from bench import preview_goldens
+
+    goldens = tmp_path / "goldens"
+    goldens.mkdir()
+    golden = load_golden(GOLDENS[0])
+    (goldens / f"{GOLDENS[0]}.json").write_text(json.dumps(golden))
+    shutil.copy(GOLDEN_DIR / golden["expected_png"], goldens / golden["expected_png"])
+    preview_goldens.main(["--goldens", str(goldens), "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out/preview_goldens.json").read_text())
+    [(name, row)] = report["goldens"].items()
+    assert name == GOLDENS[0] and row["max"] <= RESIDUAL.get(name, KERNEL_NOISE)[0]
+    assert report["machine"]["versions"]["optimum-quanto"] and "avx512_bf16" in report["machine"]["cpu_flags"]
+    assert f"| {name} | {row['max']} |" in (tmp_path / "out/preview_goldens.md").read_text()

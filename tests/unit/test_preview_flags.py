@@ -6,24 +6,23 @@ import pickle
 
 import pytest
 
+from bench.preview_goldens import work_item
 from serve_app import preview_flags as pf
 from serve_app.preview_flags import PromptFlagError, PromptFlags, parse_prompt, preview_size, substitute_names
 from serve_app.schemas import LoraItem, PromptItem
-from tests.unit.preview_goldens import GOLDENS, load_golden, needs_goldens, settings_for
+from tests.unit.preview_goldens import GOLDENS, load_golden, needs_goldens
 
 
 @needs_goldens
 @pytest.mark.parametrize("name", GOLDENS)
 def test_goldens_settings_are_what_ai_toolkit_ran(name):
     ran = load_golden(name)["what_ai_toolkit_ran"]
-    settings = settings_for(load_golden(name))
-    assert (settings.prompt, settings.width, settings.height) == (ran["prompt"], ran["width"], ran["height"])
-    assert (settings.seed, settings.steps, settings.guidance, settings.multiplier) == (
-        ran["seed"],
-        ran["steps"],
-        ran["guidance"],
-        ran["multiplier"],
-    )
+    item = work_item(load_golden(name))
+    key = item.key
+    assert (item.prompt, key.width, key.height) == (ran["prompt"], ran["width"], ran["height"])
+    assert (item.seed, key.steps, key.guidance, key.loras[0].multiplier) == (
+        ran["seed"], ran["steps"], ran["guidance"], ran["multiplier"])
+    assert key.lora_mode == ("merged" if ran["lora"].startswith("merged") else "hook")
 
 
 @pytest.mark.parametrize(
