@@ -21,7 +21,6 @@ import asyncio
 from dataclasses import dataclass
 
 import ray
-import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -75,6 +74,8 @@ class GeneratorState:
 class FluxGenerator:
     def __init__(self, model: ModelArgs, loras: LoraArgs):
         if model.torch_threads:
+            import torch  # here, not at the top: Serve's app build imports this module and needs no torch
+
             torch.set_num_threads(model.torch_threads)
         self.model = model
         self.metrics = GeneratorMetrics(model.id)
