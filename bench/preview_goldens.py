@@ -12,14 +12,15 @@ and mean difference in 0-255 levels and the share of values that differ, beside 
     python -m bench.preview_goldens --goldens DIR   # another golden directory (default: ../shared's)
 
 Device command (a lent machine's host CPU may have AVX512_BF16; its torch may differ from 2.13.0, which
-the goldens were drawn with, and then says so in the JSON). The image has no diffusers or optimum-quanto:
-they travel as wheels with the goldens, once, in the checkout's root:
+the goldens were drawn with, and then says so in the JSON). The image has no diffusers, optimum-quanto,
+pydantic or this peft: they travel as wheels with the goldens, once, in the checkout's root:
 
     printf '/.whl/\n/.goldens/\n' >> .git/info/exclude && cp -r ../shared/golden/preview .goldens
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl diffusers==0.42.1 optimum-quanto==0.2.7 pydantic==2.14.4 pydantic-core==2.50.5 \
-        annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 importlib-metadata==10.2.0
+        -d .whl diffusers==0.42.1 optimum-quanto==0.2.7 ninja==1.13.2 peft==0.21.2 pydantic==2.14.4 \
+        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
+        importlib-metadata==10.2.0
 
 then one `run` with carry [".whl", ".goldens"] and timeout_s 300:
 
