@@ -33,7 +33,7 @@ from tests.support.receiver import Receiver
 pytestmark = pytest.mark.serve
 
 SMALL = {"width": 64, "height": 64, "sample_steps": 2}
-LONG = {"width": 512, "height": 512, "sample_steps": 150}  # seconds on the small model
+LONG = {"width": 512, "height": 512, "sample_steps": 60}  # seconds on the small model
 STEPPED = {"width": 384, "height": 384, "sample_steps": 30}  # about 2 s on the small model: several updates
 LOAD_SHAPE = {"width": 256, "height": 256, "sample_steps": 16}  # a second or more: jobs queue up
 LEASE_S = 3.0
