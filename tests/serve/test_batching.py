@@ -136,7 +136,7 @@ def test_a_stream_of_distinct_keys_leaves_no_state_behind(url, lora_root):
 
     assert set(asyncio.run(stream([1.0 + i / 100 for i in range(20)]))) == {200}
     warm = generator_state()
-    assert set(asyncio.run(stream([3.0 + i / 100 for i in range(100)]))) == {200}  # a leak per key would show 100 times
+    assert set(asyncio.run(stream([3.0 + i / 100 for i in range(200)]))) == {200}
     after = generator_state()
 
     assert after.asyncio_tasks <= warm.asyncio_tasks + 2, (warm.asyncio_tasks, after.asyncio_tasks)

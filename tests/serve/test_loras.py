@@ -1,8 +1,9 @@
 """LoRAs end to end on a real local Ray Serve: real files, real HTTP (SPEC sections 2-4).
 
-Two deployments, each made once and shared by its tests (the file runs top to bottom):
+Three deployments, each made once and shared by its tests (the file runs top to bottom):
 - `url`: one generator replica, a cache of 4 adapters, short download timeouts, a 100 kB file cap;
-- `two_replicas_url`: two generator replicas with a cache of 2 each, both started empty, `strict_reference` on.
+- `two_replicas_url`: two generator replicas with a cache of 2 each, both started empty;
+- `small_cache_url`: one replica, a cache of 2, `strict_reference` on.
 A local HTTP server on 127.0.0.1 plays the LoRA host for URL sources and counts its hits.
 """
 
@@ -78,11 +79,19 @@ def url(serve_url, lora_root, lora_files):
     return deploy_app(serve_url, args)
 
 
+def _small_cache_args(lora_root):
+    return app_args(lora_root, strict_reference=True, loras={"max_adapters_per_replica": 2})
+
+
+@pytest.fixture
+def small_cache_url(serve_url, lora_root, lora_files):
+    return deploy_app(serve_url, _small_cache_args(lora_root))
+
+
 @pytest.fixture
 def two_replicas_url(serve_url, lora_root, lora_files):
-    # Both replicas start empty: a deploy from Python starts new replicas. strict_reference changes
-    # nothing for one LoRA a request, which is all the affinity test sends.
-    args = app_args(lora_root, strict_reference=True, loras={"max_adapters_per_replica": 2})
+    # Both replicas start empty: a deploy from Python starts new replicas.
+    args = app_args(lora_root, loras={"max_adapters_per_replica": 2})
     return deploy_app(serve_url, args, generator={"num_replicas": 2})
 
 
@@ -216,22 +225,6 @@ def test_200_swaps_through_a_cache_of_4_keep_at_most_4_adapters_and_no_stale_wei
     assert [a.status_code for a in answers] == [200] * len(order)
     stats = generator_stats()
     assert stats["lora_loads"] - before >= len(order) // 2  # the swaps really happened
-    assert_no_stale_adapter(stats, cache_size=4)
-
-
-def test_an_lru_of_4_really_unloads_the_evicted_adapter(url):
-    first, *others = SWAP[:5]  # five LoRAs through a cache of 4: the least recently used goes
-    for path in (first, *others):
-        pixels(generate(url, [lora(path)], size=TINY))
-    stats = generator_stats()
-    assert stats["loaded_sources"] == sorted(others)
-    assert adapter_name(first) not in stats["adapters"]
-    assert_no_stale_adapter(stats, cache_size=4)
-    loads = stats["lora_loads"]
-    pixels(generate(url, [lora(first)], size=TINY))  # back again: loaded anew, `others[0]` goes
-    stats = generator_stats()
-    assert stats["lora_loads"] == loads + 1
-    assert stats["loaded_sources"] == sorted([first, *others[1:]])
     assert_no_stale_adapter(stats, cache_size=4)
 
 
@@ -442,12 +435,28 @@ def test_affinity_routing_keeps_adapter_loads_low_on_two_replicas(two_replicas_u
         assert_no_stale_adapter(stats, cache_size=2)
 
 
-# ---- 6. strict_reference -----------------------------------------------------------------------
+# ---- 2. LRU eviction, 6. strict_reference (cache of 2) ----------------------------------------
 
 
-def test_strict_reference_takes_exactly_one_lora(two_replicas_url):
-    two = error_of(generate(two_replicas_url, [lora(STYLE), lora("peft.safetensors")], size=TINY))
+def test_an_lru_of_2_really_unloads_the_evicted_adapter(small_cache_url):
+    first, second, third = SWAP[:3]
+    for path in (first, second, third):
+        pixels(generate(small_cache_url, [lora(path)], size=TINY))
+    stats = generator_stats()
+    assert stats["loaded_sources"] == sorted([second, third])
+    assert adapter_name(first) not in stats["adapters"]
+    assert_no_stale_adapter(stats, cache_size=2)
+    loads = stats["lora_loads"]
+    pixels(generate(small_cache_url, [lora(first)], size=TINY))  # back again: loaded anew, `second` goes
+    stats = generator_stats()
+    assert stats["lora_loads"] == loads + 1
+    assert stats["loaded_sources"] == sorted([first, third])
+    assert_no_stale_adapter(stats, cache_size=2)
+
+
+def test_strict_reference_takes_exactly_one_lora(small_cache_url):
+    two = error_of(generate(small_cache_url, [lora(STYLE), lora("peft.safetensors")], size=TINY))
     assert two["code"] == errors.SINGLE_LORA_ONLY
-    none = error_of(generate(two_replicas_url, size=TINY))
+    none = error_of(generate(small_cache_url, size=TINY))
     assert none["code"] == errors.LORA_FILE_REQUIRED
-    pixels(generate(two_replicas_url, [lora(STYLE)], size=TINY))
+    pixels(generate(small_cache_url, [lora(STYLE)], size=TINY))
