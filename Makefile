@@ -19,10 +19,14 @@ RUFF_STAMP := $(VENV)/.ruff-$(RUFF_VERSION)
 setup: $(STAMP)
 
 # Reinstalls only when the pins change. torch==2.13.0 is pinned so pip never pulls a CUDA build.
+# pip byte-compiles what it installs on one core; compileall does it on every core (about 35 s less
+# on 2). Like pip, it passes over the few files that do not compile (torch ships Python 3.12-only tests).
 $(STAMP): requirements.lock pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile --no-deps -e .
+	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+		>/dev/null 2>&1 || true
 	touch $(STAMP)
 
 # --address local: always a fresh single-machine Ray, never someone else's cluster.
