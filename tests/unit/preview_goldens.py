@@ -27,10 +27,17 @@ RESIDUAL = {"g1": (1, 0.01), "g2": (3, 0.27), "g3": (4, 0.39)}  # max and mean l
 KERNEL_NOISE = (6, 0.6)
 
 
+def lora_mode_ran(golden: dict) -> str:
+    """What ai-toolkit did with the golden's LoRA, in a result's words: `merged`, `hook` or `none`."""
+    if not golden["request"].get("loras"):
+        return "none"
+    return "merged" if golden["what_ai_toolkit_ran"].get("lora", "").startswith("merged") else "hook"
+
+
 def assert_within_residual(name: str, residual: Residual) -> None:
     print(f"\n{name}: {residual}")
     max_bound, mean_bound = RESIDUAL.get(name, KERNEL_NOISE)
     assert residual.max <= max_bound and residual.mean <= mean_bound, f"{name}: {residual}"
 
 
-__all__ = ["GOLDENS", "GOLDEN_DIR", "RESIDUAL", "assert_within_residual", "load_golden", "needs_goldens"]
+__all__ = ["GOLDENS", "GOLDEN_DIR", "RESIDUAL", "assert_within_residual", "load_golden", "lora_mode_ran", "needs_goldens"]
