@@ -68,14 +68,14 @@ RECORDING_ENGINE = "tests.support.engines:RecordingEngine"
 def load_engine(torch_threads: int):
     import torch
 
-    from serve_app.engine.pipeline import FluxEngine
+    from serve_app.engine.reference import FluxEngine
 
     torch.set_num_threads(torch_threads)
     return FluxEngine.load("tiny", device="cpu")
 
 
 def work_items(shape: Shape, count: int, tag: str):
-    from serve_app.engine.workitems import BatchKey, WorkItem
+    from serve_app.workitems import BatchKey, WorkItem
 
     key = BatchKey(model=MODEL_ID, width=shape.width, height=shape.height, steps=shape.steps, guidance=4.0)
     return [WorkItem(request_id=tag, index=i, prompt=f"bench {tag} {i}", seed=42 + i, key=key) for i in range(count)]

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from serve_app.engine.slot import slot_targets
+from serve_app.engine.compiled.slot import slot_targets
 from serve_app.tiny import SCHEDULER_CONFIG, _clip_tokenizer, _t5_tokenizer
 
 FLUX_DEV_TRANSFORMER = {

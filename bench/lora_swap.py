@@ -56,14 +56,14 @@ class SetLru:
         if len(self.sets) >= self.size:
             _, evicted = self.sets.popitem(last=False)
             evicted.release()
-        from serve_app.engine.workitems import LoraUse
+        from serve_app.workitems import LoraUse
 
         self.sets[sources] = self.adapters.acquire([LoraUse(source, 1.0) for source in sources])
         return self.sets[sources]
 
 
 def work_item(source: str, width: int, height: int, steps: int, seed: int):
-    from serve_app.engine.workitems import BatchKey, LoraUse, WorkItem
+    from serve_app.workitems import BatchKey, LoraUse, WorkItem
 
     key = BatchKey(model="flux", width=width, height=height, steps=steps, guidance=4.0,
                    loras=(LoraUse(source=source, multiplier=1.0),))
@@ -73,9 +73,9 @@ def work_item(source: str, width: int, height: int, steps: int, seed: int):
 def cached_mode(engine, sources, root: Path, cache_size: int) -> Callable:
     """(a) and (b): the generator's path for one request, minus Ray."""
     from serve_app.config import LoraArgs
-    from serve_app.engine.adapters import AdapterCache
+    from serve_app.loras.adapters import AdapterCache
     from serve_app.engine.images import encode_image
-    from serve_app.engine.lora_sources import LoraSources
+    from serve_app.loras.sources import LoraSources
 
     adapters = AdapterCache(engine, LoraSources(LoraArgs(root=str(root), cache_dir=str(root / ".cache"))))
     lru = SetLru(adapters, cache_size)
@@ -132,7 +132,7 @@ def run_bench(opts) -> dict:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from serve_app.engine.pipeline import FluxEngine
+    from serve_app.engine.reference import FluxEngine
     from serve_app.tiny import write_aitoolkit_lora
 
     warnings.filterwarnings("ignore")  # PEFT's "multiple adapters" notice: intended here

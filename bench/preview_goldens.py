@@ -46,12 +46,12 @@ from PIL import Image
 
 from serve_app import tiny
 from serve_app.config import AppArgs, ModelArgs
-from serve_app.engine.base import AdapterWeight
-from serve_app.engine.lora_files import LoraFile, read_lora
-from serve_app.engine.preview import PreviewEngine
-from serve_app.engine.preview_model import PreviewModel
-from serve_app.engine.workitems import WorkItem
-from serve_app.requests import build_work_items
+from serve_app.engine.protocol import AdapterWeight
+from serve_app.loras.files import LoraFile, read_lora
+from serve_app.engine.preview.sampling import PreviewEngine
+from serve_app.engine.preview.model import PreviewModel
+from serve_app.workitems import WorkItem
+from serve_app.intake.request_rules import build_work_items
 from serve_app.schemas import InferenceRequest
 
 GOLDEN_DIR = Path(

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from serve_app.engine.url_policy import HostPolicy
+from serve_app.net.url_policy import HostPolicy
 
 TINY_SOURCE = "tiny"
 GENERATOR_PREFIX = "FluxGenerator-"

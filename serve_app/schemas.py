@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from serve_app.engine.url_policy import UrlRefused, split_url
+from serve_app.net.url_policy import UrlRefused, split_url
 
 MAX_SEED = 2**64 - 1
 # The API's own defaults (the reference's). Steps and guidance default per model: GET /v1/models.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from serve_app.config import ModelArgs
-from serve_app.engine.base import Engine
+from serve_app.engine.protocol import Engine
 
 
 def build_engine(model: ModelArgs) -> Engine:
@@ -18,11 +18,11 @@ def build_engine(model: ModelArgs) -> Engine:
         module_name, _, attribute = model.engine.partition(":")
         return getattr(importlib.import_module(module_name), attribute).from_args(model)
     if model.kind == "preview":
-        from serve_app.engine.preview_model import PreviewModel
+        from serve_app.engine.preview.model import PreviewModel
 
         return PreviewModel.from_args(model)
-    from serve_app.engine.fast import load_engine
-    from serve_app.engine.speed import SpeedArgs
+    from serve_app.engine.compiled.fast import load_engine
+    from serve_app.engine.compiled.speed import SpeedArgs
 
     # `exact` is FluxEngine; `compiled` and `fp8` the CompiledFluxEngine (fp8 refused on hardware without it)
     return load_engine(model.source, model.device, model.revision, SpeedArgs.of(model), model.dtype)

@@ -1,6 +1,6 @@
 """FluxGenerator: the generator deployment of one model, a thin Serve shell around GeneratorReplica.
 
-The replica's logic (batching, cancellation, failure splitting, encoding) is `serve_app.replica`,
+The replica's logic (batching, cancellation, failure splitting, encoding) is `serve_app.replica.core`,
 tested without Ray. This shell wires it to Serve:
 - `@serve.batch` feeds `GeneratorReplica.run_batch`. Two batches may be in flight, so the next one
   can take the pipeline while the previous one encodes its images; the replica's pipeline lock
@@ -25,14 +25,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import JOBS_DEPLOYMENT, LoraArgs, ModelArgs
-from serve_app.engine.adapters import LoraSet
+from serve_app.loras.adapters import LoraSet
 from serve_app.engine.factory import build_engine
-from serve_app.engine.lora_sources import LoraSources
-from serve_app.engine.workitems import ItemResult, LoraUse, WorkItem
+from serve_app.loras.sources import LoraSources
+from serve_app.workitems import ItemResult, LoraUse, WorkItem
 from serve_app.errors import ApiError
-from serve_app.replica import GeneratorReplica, LoadSet, LoraState, ReplicaState
+from serve_app.replica.core import GeneratorReplica, LoadSet, LoraState, ReplicaState
 from serve_app.serving.metrics import GeneratorMetrics
-from serve_app.serving.progress import ItemProgress, ProgressForwarder
+from serve_app.jobs.progress import ItemProgress, ProgressForwarder
 
 MAX_CONCURRENT_BATCHES = 2  # one generating, one encoding (the pipeline lock serializes generation)
 

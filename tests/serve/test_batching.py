@@ -7,7 +7,7 @@ distinct keys leaves nothing behind in the replica.
 
 Batch formation is made deterministic with a "blocker": a long call of another shape that is
 running while the burst arrives, so the whole burst reaches the replica while the pipeline is busy
-and waits at the generator's BatchGate (serve_app/batch_gate.py) for the next wave.
+and waits at the generator's BatchGate (serve_app/replica/gate.py) for the next wave.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import AppArgs
-from serve_app.serving.webhooks import SIGNATURE_HEADER, verify
+from serve_app.jobs.webhooks import SIGNATURE_HEADER, verify
 from tests.serve.helpers import free_port
 from tests.support.receiver import Receiver
 
@@ -67,7 +67,7 @@ def test_the_cluster_config_adds_a_compiled_model_beside_flux():
 
 def test_the_cluster_config_requires_an_api_key(monkeypatch):
     """flux-dev.yaml listens on every node and fetches remote LoRAs: it must not start without a key."""
-    from serve_app.serving.guards import load_api_key
+    from serve_app.web.guards import load_api_key
 
     config = yaml.safe_load((ROOT / "deploy/flux-dev.yaml").read_text())
     args = AppArgs.model_validate(config["applications"][0]["args"])

@@ -26,7 +26,7 @@ from ray import serve
 from serve_app import errors
 from serve_app.client import iter_sse
 from serve_app.client import main as client_main
-from serve_app.serving.webhooks import SIGNATURE_HEADER, verify
+from serve_app.jobs.webhooks import SIGNATURE_HEADER, verify
 from tests.serve.helpers import APP_NAME, app_args, deploy_app, wait_finished
 from tests.support.receiver import Receiver
 

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from serve_app import errors, tiny
-from serve_app.engine.adapters import adapter_name
+from serve_app.loras.adapters import adapter_name
 from tests.serve.helpers import app_args, deploy_app, free_port, generator_state, wait_finished
 
 pytestmark = pytest.mark.serve

@@ -1,7 +1,7 @@
 """Preview models over real HTTP (SPEC section 6): ai-toolkit's own previews, reproduced by the server.
 
 The goldens (../shared/golden/preview) are outputs of ai-toolkit itself; they are compared as decoded
-PNG pixels, within the residual measured on this machine's CPU kernels (tests/unit/test_preview_engine.py
+PNG pixels, within the residual measured on this machine's CPU kernels (tests/unit/engine/preview/test_model.py
 says why and holds the bounds; 0 where the kernels match the machine that drew them).
 """
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from PIL import Image
 
 from serve_app.config import ModelArgs
-from serve_app.engine.base import AdapterWeight, StepCallback, StopCheck
-from serve_app.engine.pipeline import FluxEngine
-from serve_app.engine.workitems import WorkItem
+from serve_app.engine.protocol import AdapterWeight, StepCallback, StopCheck
+from serve_app.engine.reference import FluxEngine
+from serve_app.workitems import WorkItem
 
 FAIL_MARKER = "[[fail]]"  # a prompt holding it fails its whole pipeline call
 RECORDS_ENV = "FLUX_TEST_RECORDS"

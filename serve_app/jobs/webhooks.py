@@ -1,0 +1,249 @@
+"""Webhooks (SPEC section 9): where a `webhook_url` may point, how a delivery is signed, and sending it.
+
+- Policy: the URL rules of SPEC section 8 (`engine/url_policy.py`, shared with LoRA downloads) with
+  the webhooks' own allow-list: a host exactly as spelled in `webhooks.allowed_hosts` (`IP:port`
+  entries allow that address and port only, `.domain` its subdomains), and a name that resolves to
+  a loopback, private or link-local address refused unless `webhooks.allow_private_addresses`. The
+  ingress checks it at submit (400 WEBHOOK_FORBIDDEN); every delivery checks it again, resolves the
+  host once and connects to exactly the addresses it checked, so a second DNS answer cannot move it.
+- Signature: `X-Flux-Signature: t=<unix seconds>,sha256=<hex of HMAC-SHA256(key = the secret's
+  text in UTF-8, "<t>." + the exact body bytes)>`, made anew for each attempt.
+- Delivery: the job's result body is POSTed; a 2xx answer delivers it. Any other answer (redirects
+  are never followed), a connection error or a timeout is retried after `backoff_s`, doubling, up
+  to `max_attempts` in all; each attempt may take at most `timeout_s`. FluxJobs runs deliveries on
+  tasks of their own, never in the generation path.
+
+No Ray here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpcore
+import httpx
+
+from serve_app import errors
+from serve_app.config import WebhookArgs
+from serve_app.net.url_policy import HostPolicy, Target, UrlRefused, split_url
+from serve_app.errors import ApiError
+from serve_app.schemas import WebhookStatus
+
+logger = logging.getLogger("ray.serve")
+
+SIGNATURE_HEADER = "X-Flux-Signature"
+SECRET_BYTES = 32
+
+
+# ---- the secret and the signature ------------------------------------------------------------------
+
+
+def write_secret_file(path: str) -> bool:
+    """Create `path` with a random secret unless it exists (owner-only); True when it was written."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never overwrites one in use
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(SECRET_BYTES) + "\n")
+    return True
+
+
+def load_secret(args: WebhookArgs) -> str | None:
+    """The signing secret: the environment variable `secret_env`, else the text of `secret_file`.
+
+    Returns:
+        None when webhooks are off (no allowed host).
+
+    Raises:
+        RuntimeError: webhooks are on and neither holds a secret (FluxJobs then fails to start).
+    """
+    if not args.enabled:
+        return None
+    secret = os.environ.get(args.secret_env, "").strip()
+    if not secret and args.secret_file and Path(args.secret_file).is_file():
+        secret = Path(args.secret_file).read_text().strip()
+    if not secret:
+        where = f"${args.secret_env}" + (f" or {args.secret_file}" if args.secret_file else "")
+        raise RuntimeError(f"webhooks are enabled but no signing secret is set ({where})")
+    return secret
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The X-Flux-Signature value for `body` sent at `timestamp` (unix seconds)."""
+    digest = hmac.new(secret.encode("utf-8"), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},sha256={digest}"
+
+
+def verify(secret: str, header: str, body: bytes, max_age_s: float = 300.0, now: float | None = None) -> bool:
+    """What a receiver checks: the signature matches the body, and it is recent (against replays)."""
+    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    try:
+        timestamp = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs((now if now is not None else time.time()) - timestamp) > max_age_s:
+        return False
+    return hmac.compare_digest(sign(secret, body, timestamp), header.strip())
+
+
+# ---- the policy ------------------------------------------------------------------------------------
+
+
+def forbidden(reason: str) -> ApiError:
+    return ApiError(errors.WEBHOOK_FORBIDDEN, f"webhook_url refused: {reason}", {"field": "webhook_url"})
+
+
+class WebhookPolicy:
+    """Which webhook URLs the server sends to (module docstring)."""
+
+    def __init__(self, args: WebhookArgs):
+        self.enabled = args.enabled
+        self.hosts = HostPolicy(args.allowed_hosts, args.allow_private_addresses)
+
+    def check(self, url: str) -> Target:
+        """Check a URL and resolve its host (blocking: DNS).
+
+        Returns:
+            The URL's parts and the addresses it may be sent to.
+
+        Raises:
+            ApiError: WEBHOOK_FORBIDDEN for a URL outside the policy.
+            OSError: the host name does not resolve (now).
+        """
+        if not self.enabled:
+            raise forbidden("this server sends no webhooks (webhooks.allowed_hosts is empty)")
+        try:
+            parts = split_url(url)
+        except UrlRefused as exc:
+            raise forbidden(exc.reason) from None
+        if not self.hosts.allows(parts):
+            raise forbidden(f"host {parts.netloc} is not in webhooks.allowed_hosts")
+        try:
+            return Target(parts, self.hosts.resolve(parts))
+        except UrlRefused as exc:  # the shared policy names the LoRA switch; ours is the webhooks' one
+            raise forbidden(exc.reason.replace("loras.", "webhooks.")) from None
+
+
+# ---- delivery ----------------------------------------------------------------------------------------
+
+
+class PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Connects to the addresses that were checked, whatever host name httpcore asks for."""
+
+    def __init__(self, addresses: tuple[str, ...]):
+        self.addresses = addresses
+        self.inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        error: Exception = httpcore.ConnectError("the host has no address")
+        for address in self.addresses:
+            try:
+                return await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        raise error
+
+    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise httpcore.ConnectError("webhooks never use unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+class _Refused(Exception):
+    """An attempt the policy refused: not retried."""
+
+
+class WebhookSender:
+    """Delivers signed result bodies (module docstring).
+
+    Args:
+        args: the webhooks args (policy, attempts, backoff, timeout).
+        secret: the signing secret.
+    """
+
+    def __init__(self, args: WebhookArgs, secret: str):
+        self.args = args
+        self.policy = WebhookPolicy(args)
+        self._secret = secret
+        self._ssl = httpx.create_ssl_context()
+
+    def backoff_s(self, attempts_done: int) -> float:
+        """The wait before the next attempt, after `attempts_done` failed ones."""
+        return self.args.backoff_s * 2 ** max(attempts_done - 1, 0) if attempts_done else 0.0
+
+    async def deliver(
+        self, url: str, body: bytes, state: WebhookStatus, on_attempt: Callable[[WebhookStatus], Awaitable[None]]
+    ) -> WebhookStatus:
+        """Send `body` until it is delivered, refused by the policy, or `max_attempts` are spent.
+
+        Args:
+            url: the job's webhook_url.
+            body: the exact bytes to POST (the job's result JSON).
+            state: the delivery so far (a restarted FluxJobs resumes one).
+            on_attempt: told the new state after each attempt (FluxJobs stores it).
+
+        Returns:
+            The final state.
+        """
+        while not state.delivered and state.attempts < self.args.max_attempts:
+            await asyncio.sleep(self.backoff_s(state.attempts))
+            try:
+                error = await self.attempt(url, body)
+            except _Refused as exc:
+                state = WebhookStatus(delivered=False, attempts=state.attempts + 1, last_error=str(exc))
+                await on_attempt(state)
+                break
+            state = WebhookStatus(delivered=error is None, attempts=state.attempts + 1, last_error=error)
+            await on_attempt(state)
+        return state
+
+    async def attempt(self, url: str, body: bytes) -> str | None:
+        """One POST. Returns None when delivered, else why not (retried); raises _Refused (not retried)."""
+        try:
+            target = await asyncio.to_thread(self.policy.check, url)
+        except ApiError as exc:
+            raise _Refused(exc.message) from None
+        except OSError:
+            return "the host name does not resolve"
+        try:
+            status = await asyncio.wait_for(self._post(target, body), self.args.timeout_s)
+        except (asyncio.TimeoutError, httpcore.TimeoutException):
+            return f"no answer within {self.args.timeout_s:g} s"
+        except httpcore.ConnectError:
+            return "cannot connect"
+        except (httpcore.NetworkError, httpcore.ProtocolError) as exc:  # reset, cut short, broken framing
+            return f"the connection broke off ({type(exc).__name__})"
+        if 200 <= status < 300:
+            return None
+        if 300 <= status < 400:
+            return f"HTTP {status} (redirects are not followed)"
+        return f"HTTP {status}"
+
+    async def _post(self, target: Target, body: bytes) -> int:
+        parts = target.parts
+        headers = [
+            (b"Host", parts.netloc.encode()),
+            (b"User-Agent", b"flux-serve"),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", str(len(body)).encode()),
+            (SIGNATURE_HEADER.encode(), sign(self._secret, body, int(time.time())).encode()),
+        ]
+        url = httpcore.URL(scheme=parts.scheme, host=parts.host, port=parts.port, target=parts.target)
+        timeouts = dict.fromkeys(("connect", "read", "write", "pool"), self.args.timeout_s)
+        backend = PinnedBackend(target.addresses)
+        async with (
+            httpcore.AsyncConnectionPool(ssl_context=self._ssl, network_backend=backend, retries=0) as pool,
+            pool.stream("POST", url, headers=headers, content=body, extensions={"timeout": timeouts}) as response,
+        ):
+            return response.status  # the body is never read: a receiver's answer is its status
