@@ -57,14 +57,14 @@ import torch
 from diffusers import FluxPipeline
 
 from bench.flux_dev_random import build_flux_dev_random, build_flux_transformer, probe_inputs, random_lora
-from serve_app.engine.protocol import AdapterWeight
 from serve_app.engine.compiled.fast import CompiledFluxEngine
 from serve_app.engine.compiled.fp8 import SpeedTierUnavailable, check_fp8_device
-from serve_app.loras.files import LoraFile
-from serve_app.engine.reference import FluxEngine
 from serve_app.engine.compiled.speed import SpeedArgs, WarmupShape
-from serve_app.workitems import BatchKey, WorkItem
+from serve_app.engine.protocol import AdapterWeight
+from serve_app.engine.reference import FluxEngine
+from serve_app.loras.files import LoraFile
 from serve_app.tiny import build_tiny_pipeline
+from serve_app.workitems import BatchKey, WorkItem
 
 LORA_A, LORA_B = [AdapterWeight("a", 1.0)], [AdapterWeight("b", 1.0)]
 

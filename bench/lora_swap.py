@@ -73,8 +73,8 @@ def work_item(source: str, width: int, height: int, steps: int, seed: int):
 def cached_mode(engine, sources, root: Path, cache_size: int) -> Callable:
     """(a) and (b): the generator's path for one request, minus Ray."""
     from serve_app.config import LoraArgs
-    from serve_app.loras.adapters import AdapterCache
     from serve_app.engine.images import encode_image
+    from serve_app.loras.adapters import AdapterCache
     from serve_app.loras.sources import LoraSources
 
     adapters = AdapterCache(engine, LoraSources(LoraArgs(root=str(root), cache_dir=str(root / ".cache"))))

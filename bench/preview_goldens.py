@@ -46,13 +46,13 @@ from PIL import Image
 
 from serve_app import tiny
 from serve_app.config import AppArgs, ModelArgs
-from serve_app.engine.protocol import AdapterWeight
-from serve_app.loras.files import LoraFile, read_lora
-from serve_app.engine.preview.sampling import PreviewEngine
 from serve_app.engine.preview.model import PreviewModel
-from serve_app.workitems import WorkItem
+from serve_app.engine.preview.sampling import PreviewEngine
+from serve_app.engine.protocol import AdapterWeight
 from serve_app.intake.request_rules import build_work_items
+from serve_app.loras.files import LoraFile, read_lora
 from serve_app.schemas import InferenceRequest
+from serve_app.workitems import WorkItem
 
 GOLDEN_DIR = Path(
     os.environ.get("FLUX_SERVE_PREVIEW_GOLDENS", Path(__file__).resolve().parents[2] / "shared/golden/preview")

@@ -22,10 +22,10 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from serve_app.config import JOBS_DEPLOYMENT, TINY_SOURCE, AppArgs, ModelArgs
+from serve_app.jobs.webhooks import write_secret_file
 from serve_app.serving.generator import FluxGenerator
 from serve_app.serving.ingress import FluxIngress
 from serve_app.serving.jobs import FluxJobs
-from serve_app.jobs.webhooks import write_secret_file
 
 logger = logging.getLogger("ray.serve")
 

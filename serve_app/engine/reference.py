@@ -30,10 +30,10 @@ from serve_app.engine.protocol import (
     StepCallback,
     StopCheck,
 )
-from serve_app.loras.files import LoraFile
-from serve_app.loras.errors import display_source
-from serve_app.workitems import WorkItem
 from serve_app.errors import ApiError
+from serve_app.loras.errors import display_source
+from serve_app.loras.files import LoraFile
+from serve_app.workitems import WorkItem
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,10 @@ from pydantic import ValidationError
 
 from serve_app import errors
 from serve_app.config import AppArgs, ModelArgs
-from serve_app.loras.hub import SCHEME as HF_SCHEME
-from serve_app.loras.hub import HfToken
-from serve_app.workitems import BatchKey, LoraUse, WorkItem
 from serve_app.errors import ApiError, validation_error
 from serve_app.intake.preview_flags import PromptFlagError, choose_lora_mode, resolve_preview_settings
+from serve_app.loras.hub import SCHEME as HF_SCHEME
+from serve_app.loras.hub import HfToken
 from serve_app.schemas import (
     DEFAULT_MULTIPLIER,
     DEFAULT_SEED,
@@ -31,6 +30,7 @@ from serve_app.schemas import (
     PreviewRequest,
     PromptItem,
 )
+from serve_app.workitems import BatchKey, LoraUse, WorkItem
 
 RANDOM_SEED_BOUND = 2**31 - 1  # the reference draws torch.randint(0, 2147483647)
 

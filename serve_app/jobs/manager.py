@@ -34,16 +34,16 @@ from dataclasses import dataclass, field
 
 from serve_app import errors
 from serve_app.config import AppArgs
-from serve_app.workitems import ItemResult, WorkItem
 from serve_app.errors import ApiError
-from serve_app.schemas import ResultMetadata, ResultResponse, StatusResponse, WebhookStatus
 from serve_app.jobs.events import ChangeSignal, JobUpdate
-from serve_app.web.guards import overloaded
-from serve_app.web.outputs import Links
 from serve_app.jobs.progress import ItemProgress
 from serve_app.jobs.records import JobRecord, StoredImage, StoredItem, jobs_to_prune
 from serve_app.jobs.store import JobStore
 from serve_app.jobs.webhooks import WebhookSender
+from serve_app.schemas import ResultMetadata, ResultResponse, StatusResponse, WebhookStatus
+from serve_app.web.guards import overloaded
+from serve_app.web.outputs import Links
+from serve_app.workitems import ItemResult, WorkItem
 
 logger = logging.getLogger("ray.serve")
 

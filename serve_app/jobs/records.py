@@ -17,7 +17,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import JobArgs
-from serve_app.workitems import BatchKey, ItemResult, LoraUse, WorkItem
 from serve_app.errors import ApiError
 from serve_app.schemas import (
     ImageOutput,
@@ -31,6 +30,7 @@ from serve_app.schemas import (
     WebhookStatus,
 )
 from serve_app.web.outputs import Links, image_fields, with_matched_modules
+from serve_app.workitems import BatchKey, ItemResult, LoraUse, WorkItem
 
 SCHEMA_VERSION = 1
 FINISHED = ("succeeded", "failed", "canceled")

@@ -33,8 +33,8 @@ import httpx
 
 from serve_app import errors
 from serve_app.config import WebhookArgs
-from serve_app.net.url_policy import HostPolicy, Target, UrlRefused, split_url
 from serve_app.errors import ApiError
+from serve_app.net.url_policy import HostPolicy, Target, UrlRefused, split_url
 from serve_app.schemas import WebhookStatus
 
 logger = logging.getLogger("ray.serve")

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from serve_app.engine.protocol import AdapterWeight, Engine
-from serve_app.loras.sources import LoraSources
 from serve_app.loras.errors import display_source
+from serve_app.loras.sources import LoraSources
 from serve_app.workitems import LoraUse
 
 logger = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from serve_app.loras.hub import HfToken
-from serve_app.loras.files import LoraFile
-from serve_app.loras.sources import FetchResult, LoraSources
 from serve_app.loras.errors import download_failed
+from serve_app.loras.files import LoraFile
+from serve_app.loras.hub import HfToken
+from serve_app.loras.sources import FetchResult, LoraSources
 
 
 class Downloader:

@@ -11,8 +11,8 @@ import threading
 import time
 from collections import OrderedDict
 
-from serve_app.loras.errors import copy_error
 from serve_app.errors import ApiError
+from serve_app.loras.errors import copy_error
 
 
 class FailureMemory:

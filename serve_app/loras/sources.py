@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from serve_app.config import LoraArgs
-from serve_app.loras.cache import CacheFull, DownloadCache, cache_key
-from serve_app.loras.failure_memory import FailureMemory
-from serve_app.loras.hub import DEFAULT_ENDPOINT, HfToken, HubTokens, hub_reason, parse_hf
-from serve_app.loras.files import LoraFile, check_safetensors, open_in_root, read_lora, resolve_in_root
-from serve_app.net.fetch import DEADLINE_PASSED, Fetcher, FetchRequest, http_status_reason
-from serve_app.loras.errors import display_source, download_failed, forbidden, invalid, not_found
-from serve_app.net.url_policy import HostPolicy, UrlRefused, split_url
 from serve_app.errors import ApiError
+from serve_app.loras.cache import CacheFull, DownloadCache, cache_key
+from serve_app.loras.errors import display_source, download_failed, forbidden, invalid, not_found
+from serve_app.loras.failure_memory import FailureMemory
+from serve_app.loras.files import LoraFile, check_safetensors, open_in_root, read_lora, resolve_in_root
+from serve_app.loras.hub import DEFAULT_ENDPOINT, HfToken, HubTokens, hub_reason, parse_hf
+from serve_app.net.fetch import DEADLINE_PASSED, Fetcher, FetchRequest, http_status_reason
+from serve_app.net.url_policy import HostPolicy, UrlRefused, split_url
 
 logger = logging.getLogger("ray.serve")
 

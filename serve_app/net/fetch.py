@@ -28,11 +28,11 @@ from urllib.parse import urljoin
 import httpcore
 import httpx
 
-from serve_app.loras.hub import HfToken
-from serve_app.loras.files import looks_like_html
-from serve_app.loras.errors import display_source, download_failed, forbidden
-from serve_app.net.url_policy import HostPolicy, Target, UrlParts, UrlRefused, split_url
 from serve_app.errors import ApiError
+from serve_app.loras.errors import display_source, download_failed, forbidden
+from serve_app.loras.files import looks_like_html
+from serve_app.loras.hub import HfToken
+from serve_app.net.url_policy import HostPolicy, Target, UrlParts, UrlRefused, split_url
 
 logger = logging.getLogger("ray.serve")
 

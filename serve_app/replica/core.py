@@ -36,16 +36,16 @@ from typing import Protocol
 from PIL import Image
 
 from serve_app import errors
-from serve_app.replica.gate import BatchGate
 from serve_app.config import BatchSettings
-from serve_app.loras.adapters import AdapterCache, LoraSet
-from serve_app.engine.protocol import CallMode, CompileStats, Engine, GenerationInterrupted
-from serve_app.replica.batching import plan_calls
-from serve_app.loras.downloader import Downloader
 from serve_app.engine.images import encode_image
-from serve_app.loras.sources import LoraSources, is_remote
-from serve_app.workitems import BatchKey, ItemResult, LoraUse, WorkItem
+from serve_app.engine.protocol import CallMode, CompileStats, Engine, GenerationInterrupted
 from serve_app.errors import ApiError
+from serve_app.loras.adapters import AdapterCache, LoraSet
+from serve_app.loras.downloader import Downloader
+from serve_app.loras.sources import LoraSources, is_remote
+from serve_app.replica.batching import plan_calls
+from serve_app.replica.gate import BatchGate
+from serve_app.workitems import BatchKey, ItemResult, LoraUse, WorkItem
 
 logger = logging.getLogger("ray.serve")
 

@@ -20,9 +20,9 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app import errors
-from serve_app.workitems import ItemResult, WorkItem
 from serve_app.errors import ApiError
 from serve_app.web.guards import overloaded
+from serve_app.workitems import ItemResult, WorkItem
 
 logger = logging.getLogger("ray.serve")
 

@@ -25,14 +25,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import JOBS_DEPLOYMENT, LoraArgs, ModelArgs
-from serve_app.loras.adapters import LoraSet
 from serve_app.engine.factory import build_engine
-from serve_app.loras.sources import LoraSources
-from serve_app.workitems import ItemResult, LoraUse, WorkItem
 from serve_app.errors import ApiError
+from serve_app.jobs.progress import ItemProgress, ProgressForwarder
+from serve_app.loras.adapters import LoraSet
+from serve_app.loras.sources import LoraSources
 from serve_app.replica.core import GeneratorReplica, LoadSet, LoraState, ReplicaState
 from serve_app.serving.metrics import GeneratorMetrics
-from serve_app.jobs.progress import ItemProgress, ProgressForwarder
+from serve_app.workitems import ItemResult, LoraUse, WorkItem
 
 MAX_CONCURRENT_BATCHES = 2  # one generating, one encoding (the pipeline lock serializes generation)
 

@@ -26,11 +26,12 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import errors
 from serve_app.config import AppArgs
-from serve_app.loras.downloader import Downloader
-from serve_app.loras.sources import LoraSources, is_remote
-from serve_app.workitems import WorkItem
 from serve_app.errors import ApiError, validation_error
 from serve_app.intake.request_rules import build_work_items, preview_request, request_tokens
+from serve_app.jobs.events import JobUpdate, status_events
+from serve_app.jobs.webhooks import WebhookPolicy
+from serve_app.loras.downloader import Downloader
+from serve_app.loras.sources import LoraSources, is_remote
 from serve_app.schemas import (
     DEFAULT_SIZE,
     RESOLUTION_DIVISOR,
@@ -46,13 +47,12 @@ from serve_app.schemas import (
     StatusResponse,
     SubmitResponse,
 )
-from serve_app.web.routes import build_api
 from serve_app.serving.dispatch import Generators
-from serve_app.jobs.events import JobUpdate, status_events
 from serve_app.web.guards import InFlight, load_api_key
 from serve_app.web.health import health_response, model_health
 from serve_app.web.outputs import Links, inline_image, with_matched_modules
-from serve_app.jobs.webhooks import WebhookPolicy
+from serve_app.web.routes import build_api
+from serve_app.workitems import WorkItem
 
 logger = logging.getLogger("ray.serve")
 

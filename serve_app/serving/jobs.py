@@ -20,14 +20,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppArgs
-from serve_app.workitems import WorkItem
-from serve_app.schemas import ResultMetadata, ResultResponse, StatusResponse
-from serve_app.serving.dispatch import Generators
 from serve_app.jobs.events import JobUpdate
 from serve_app.jobs.manager import JobCounts, JobManager
 from serve_app.jobs.progress import ItemProgress
 from serve_app.jobs.store import StoreLease, open_store
 from serve_app.jobs.webhooks import WebhookSender, load_secret
+from serve_app.schemas import ResultMetadata, ResultResponse, StatusResponse
+from serve_app.serving.dispatch import Generators
+from serve_app.workitems import WorkItem
 
 logger = logging.getLogger("ray.serve")
 

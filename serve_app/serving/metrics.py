@@ -9,8 +9,8 @@ from __future__ import annotations
 from ray.serve import metrics
 
 from serve_app.engine.protocol import CompileStats
-from serve_app.workitems import BatchKey
 from serve_app.replica.core import ReplicaObserver
+from serve_app.workitems import BatchKey
 
 _BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16]
 _SECONDS_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]

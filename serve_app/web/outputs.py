@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 from typing import Protocol
 
-from serve_app.workitems import ItemResult
 from serve_app.schemas import EffectiveSettings, ImageOutput, InlineImage, ResultMetadata
+from serve_app.workitems import ItemResult
 
 
 class ImageRecord(Protocol):

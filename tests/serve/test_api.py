@@ -85,11 +85,11 @@ def test_sync_generate_returns_base64_images(url):
 
 def test_server_image_equals_the_engine_image(url, tiny_dir, lora_root):
     from serve_app.config import AppArgs, LoraArgs
-    from serve_app.loras.adapters import AdapterCache
     from serve_app.engine.images import encode_image
-    from serve_app.loras.sources import LoraSources
     from serve_app.engine.reference import FluxEngine
     from serve_app.intake.request_rules import build_work_items
+    from serve_app.loras.adapters import AdapterCache
+    from serve_app.loras.sources import LoraSources
     from serve_app.schemas import InferenceRequest
 
     request = body(output_format="png", loras=[{"path": "aitk/style.safetensors", "network_multiplier": 0.7}])

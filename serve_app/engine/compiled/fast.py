@@ -34,15 +34,15 @@ from serve_app import errors
 from serve_app.config import TINY_SOURCE
 from serve_app.engine.compiled import compilation
 from serve_app.engine.compiled.attention import log_attention, probe_attention_kernel, select_attention_backend
-from serve_app.engine.protocol import AdapterWeight, CallMode, CompileStats, StepCallback, StopCheck
 from serve_app.engine.compiled.fp8 import check_fp8_device, quantize_base_linears
-from serve_app.loras.files import LoraFile
 from serve_app.engine.compiled.overflow import PeftOverflow
-from serve_app.engine.reference import FluxEngine, dtype_for, load_flux_pipeline, pick_device
 from serve_app.engine.compiled.slot import LoraSlot, SlotUnfit, SlotWeightCache, convert_lora, slot_targets
 from serve_app.engine.compiled.speed import SpeedArgs, WarmupShape
-from serve_app.workitems import BatchKey, WorkItem
+from serve_app.engine.protocol import AdapterWeight, CallMode, CompileStats, StepCallback, StopCheck
+from serve_app.engine.reference import FluxEngine, dtype_for, load_flux_pipeline, pick_device
 from serve_app.errors import ApiError
+from serve_app.loras.files import LoraFile
+from serve_app.workitems import BatchKey, WorkItem
 
 logger = logging.getLogger(__name__)
 

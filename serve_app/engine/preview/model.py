@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from PIL import Image
 
 from serve_app.config import TINY_SOURCE, ModelArgs
-from serve_app.engine.protocol import AdapterWeight, CallMode, CompileStats, StepCallback, StopCheck
-from serve_app.loras.files import LoraFile
-from serve_app.engine.reference import pick_device
-from serve_app.engine.preview.sampling import PreviewEngine
 from serve_app.engine.preview.lora import PreviewLora
+from serve_app.engine.preview.sampling import PreviewEngine
+from serve_app.engine.protocol import AdapterWeight, CallMode, CompileStats, StepCallback, StopCheck
+from serve_app.engine.reference import pick_device
+from serve_app.loras.files import LoraFile
 from serve_app.workitems import WorkItem
 
 

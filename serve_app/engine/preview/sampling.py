@@ -30,8 +30,8 @@ from optimum.quanto import freeze, qfloat8, quantize
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from serve_app.engine.protocol import GenerationInterrupted
 from serve_app.engine.preview.lora import LoraMode, PreviewLora, applied_lora, map_lora
+from serve_app.engine.protocol import GenerationInterrupted
 
 __all__ = ["GenerationInterrupted", "PreviewEngine", "encode_prompt", "load_preview_pipeline"]
 

@@ -17,15 +17,15 @@ from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 from PIL import Image
 
 from serve_app.config import AppArgs, LoraArgs
-from serve_app.loras.adapters import AdapterCache
-from serve_app.engine.protocol import AdapterWeight, GenerationInterrupted
 from serve_app.engine.images import encode_image
-from serve_app.loras.sources import LoraSources
+from serve_app.engine.protocol import AdapterWeight, GenerationInterrupted
 from serve_app.engine.reference import FluxEngine
-from serve_app.workitems import LoraUse
 from serve_app.errors import ApiError
 from serve_app.intake.request_rules import build_work_items
+from serve_app.loras.adapters import AdapterCache
+from serve_app.loras.sources import LoraSources
 from serve_app.schemas import InferenceRequest
+from serve_app.workitems import LoraUse
 
 STEPS = 3
 

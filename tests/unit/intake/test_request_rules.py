@@ -9,10 +9,10 @@ from pydantic import ValidationError
 
 from serve_app import errors
 from serve_app.config import AppArgs, Limits
-from serve_app.workitems import lora_set_id
 from serve_app.errors import ApiError
 from serve_app.intake.request_rules import RANDOM_SEED_BOUND, build_work_items
 from serve_app.schemas import InferenceRequest
+from serve_app.workitems import lora_set_id
 
 ARGS = AppArgs()
 

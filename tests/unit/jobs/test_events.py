@@ -8,10 +8,10 @@ import threading
 import time
 
 from serve_app.client import iter_sse
-from serve_app.workitems import BatchKey, WorkItem
-from serve_app.schemas import JobProgress, StatusResponse
 from serve_app.jobs.events import KEEPALIVE, JobUpdate, status_events
 from serve_app.jobs.progress import ProgressForwarder
+from serve_app.schemas import JobProgress, StatusResponse
+from serve_app.workitems import BatchKey, WorkItem
 
 
 def update(version: str, status: str, step: int = 0) -> JobUpdate:

@@ -15,15 +15,15 @@ import pytest
 
 from serve_app import errors
 from serve_app.config import AppArgs, JobArgs, WebhookArgs
-from serve_app.workitems import ItemResult, WorkItem
 from serve_app.errors import ApiError
 from serve_app.intake.request_rules import build_work_items
-from serve_app.schemas import InferenceRequest, ResultMetadata
 from serve_app.jobs.manager import JobManager
 from serve_app.jobs.progress import ItemProgress
 from serve_app.jobs.records import JobRecord, StoredImage, iso, jobs_to_prune
 from serve_app.jobs.store import MemoryStore, open_store
 from serve_app.jobs.webhooks import WebhookSender
+from serve_app.schemas import InferenceRequest, ResultMetadata
+from serve_app.workitems import ItemResult, WorkItem
 from tests.support.receiver import Receiver
 
 METADATA = ResultMetadata(model="flux", base_model="black-forest-labs/FLUX.1-dev")
@@ -415,8 +415,8 @@ def test_timestamps_are_iso_utc_with_one_zone_suffix(ts, text):
 def test_a_stored_item_and_image_keep_every_field_a_rerun_and_a_result_need():
     """A preview item (its merge choice), a LoRA fetched with a token (its hash, never the token), and the
     image's tier and effective settings survive the record's JSON."""
-    from serve_app.workitems import BatchKey, LoraUse
     from serve_app.jobs.records import StoredImage, StoredItem
+    from serve_app.workitems import BatchKey, LoraUse
 
     key = BatchKey(model="flux-preview-bf16", width=112, height=96, steps=5, guidance=3.5,
                    loras=(LoraUse("hf://o/r/x.safetensors", 0.75, "0123abcd"),), lora_mode="merged")

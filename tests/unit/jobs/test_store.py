@@ -12,10 +12,10 @@ import threading
 import pytest
 
 from serve_app.config import JobArgs
-from serve_app.workitems import BatchKey, LoraUse, WorkItem
-from serve_app.schemas import ResultMetadata, WebhookStatus
 from serve_app.jobs.records import JobRecord, StoredItem
 from serve_app.jobs.store import FsspecStore, MemoryStore, StoreLease, open_store
+from serve_app.schemas import ResultMetadata, WebhookStatus
+from serve_app.workitems import BatchKey, LoraUse, WorkItem
 
 REQUEST_ID = "0123456789abcdef0123456789abcdef"
 

@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from serve_app import errors
 from serve_app.config import WebhookArgs
 from serve_app.errors import ApiError
-from serve_app.schemas import InferenceRequest, WebhookStatus
 from serve_app.jobs.webhooks import (
     SIGNATURE_HEADER,
     WebhookPolicy,
@@ -25,6 +24,7 @@ from serve_app.jobs.webhooks import (
     verify,
     write_secret_file,
 )
+from serve_app.schemas import InferenceRequest, WebhookStatus
 from tests.support.receiver import Receiver
 
 SECRET = "test-secret-é"  # non-ASCII on purpose: the key is the secret's text in UTF-8

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.loras.cache import DownloadCache
 from serve_app.errors import ApiError
+from serve_app.loras.cache import DownloadCache
 from tests.unit.lora_host import LoraHost, drip
 from tests.unit.loras.test_sources import cache_files, make, safetensors_bytes
 

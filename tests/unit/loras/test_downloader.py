@@ -9,10 +9,10 @@ import time
 
 import pytest
 
+from serve_app.errors import ApiError
 from serve_app.loras.downloader import Downloader
 from serve_app.loras.failure_memory import FailureMemory
 from serve_app.loras.files import LoraFile
-from serve_app.errors import ApiError
 from tests.unit.lora_host import LoraHost, drip, flaky, slow
 from tests.unit.loras.test_sources import make, safetensors_bytes
 

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 from serve_app.config import LoraArgs
+from serve_app.errors import ApiError
 from serve_app.loras.cache import cache_key
 from serve_app.loras.files import LoraFile, looks_like_html
 from serve_app.loras.sources import LoraSources
-from serve_app.errors import ApiError
 from tests.unit.lora_host import LoraHost, flaky, redirect, slow, stream_without_length
 
 TIMEOUT_S = 0.5

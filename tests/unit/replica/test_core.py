@@ -18,11 +18,11 @@ from pydantic import ValidationError
 from serve_app import errors
 from serve_app.config import BatchSettings, LoraArgs
 from serve_app.engine.images import encode_image
-from serve_app.loras.sources import LoraSources
 from serve_app.engine.reference import FluxEngine
-from serve_app.workitems import BatchKey, ItemResult, LoraUse, WorkItem
 from serve_app.errors import ApiError
+from serve_app.loras.sources import LoraSources
 from serve_app.replica.core import GeneratorReplica
+from serve_app.workitems import BatchKey, ItemResult, LoraUse, WorkItem
 
 FAIL = "[[fail]]"
 

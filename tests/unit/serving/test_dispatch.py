@@ -9,9 +9,9 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, TaskCancelledE
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from serve_app import errors
-from serve_app.workitems import BatchKey, ItemResult, WorkItem
 from serve_app.errors import ApiError
 from serve_app.serving.dispatch import GeneratorClient
+from serve_app.workitems import BatchKey, ItemResult, WorkItem
 
 ITEM = WorkItem(request_id="r", index=0, prompt="p", seed=1, key=BatchKey("flux", 64, 64, 1, 4.0))
 IMAGE = ItemResult(request_id="r", index=0, seed=1, width=64, height=64, format="jpeg", data=b"x")

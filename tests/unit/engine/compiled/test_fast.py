@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from serve_app.engine.compiled import compilation
-from serve_app.engine.protocol import AdapterWeight, CallMode
 from serve_app.engine.compiled.fast import CompiledFluxEngine, load_engine
 from serve_app.engine.compiled.fp8 import SpeedTierUnavailable
-from serve_app.loras.files import LoraFile
-from serve_app.engine.reference import FluxEngine
 from serve_app.engine.compiled.speed import SpeedArgs, WarmupShape
-from serve_app.workitems import BatchKey, WorkItem
+from serve_app.engine.protocol import AdapterWeight, CallMode
+from serve_app.engine.reference import FluxEngine
 from serve_app.errors import ApiError
+from serve_app.loras.files import LoraFile
+from serve_app.workitems import BatchKey, WorkItem
 
 FILES = {
     "style": "aitk/style.safetensors",

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from bench.preview_goldens import Residual, demo_lora, draw, is_quantized, png_pixels
 from serve_app import errors, tiny
-from serve_app.engine.preview.sampling import GenerationInterrupted, PreviewEngine
 from serve_app.engine.preview.lora import choose_lora_mode
 from serve_app.engine.preview.model import PreviewModel
+from serve_app.engine.preview.sampling import GenerationInterrupted, PreviewEngine
 from serve_app.errors import ApiError
 from tests.unit.preview_goldens import GOLDEN_DIR, GOLDENS, assert_within_residual, load_golden, needs_goldens
 
