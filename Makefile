@@ -13,6 +13,8 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 RUFF_VERSION := 0.17.5
 RUFF_STAMP := $(VENV)/.ruff-$(RUFF_VERSION)
+MYPY_VERSION := 2.4.1
+MYPY_STAMP := $(VENV)/.mypy-$(MYPY_VERSION)
 
 .PHONY: setup serve test lint bench clean
 
@@ -30,17 +32,30 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # --address local: always a fresh single-machine Ray, never someone else's cluster.
+# serve_app.ready prints one line once /health answers 200; it ends with `serve run` (Ctrl-C stops both).
 serve: setup
-	$(VENV)/bin/serve run --address local deploy/local.yaml
+	@$(PY) -m serve_app.ready deploy/local.yaml & ready=$$!; \
+	$(VENV)/bin/serve run --address local deploy/local.yaml; status=$$?; \
+	kill $$ready 2>/dev/null; exit $$status
 
-# ruff, pinned and installed here (not with the app's pins: linting needs none of them).
-lint: $(RUFF_STAMP)
+# ruff and mypy, pinned and installed here (not with the app's pins). mypy reads the app's imports
+# (pydantic, torch, ...) from the venv, so it needs `make setup` first; its settings are pyproject's [tool.mypy].
+lint: setup $(RUFF_STAMP) $(MYPY_STAMP)
 	$(VENV)/bin/ruff check serve_app tests bench
+	@# The project speaks of itself alone: its code and docs point to its own docs/, never outside the repository.
+	@! grep -rnIE '\.\./shared|\bSPEC\b|notes/[a-z-]+\.md' serve_app tests bench docs deploy README.md \
+		|| { echo "lint: the lines above point outside the repository; point to docs/ instead" >&2; exit 1; }
+	$(VENV)/bin/mypy
 
 $(RUFF_STAMP):
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check ruff==$(RUFF_VERSION)
 	touch $(RUFF_STAMP)
+
+$(MYPY_STAMP):
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check mypy==$(MYPY_VERSION)
+	touch $(MYPY_STAMP)
 
 # pytest's exit 5 (no test collected) is a failure.
 test: setup

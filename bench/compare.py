@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 # Before anything imports Ray: bind to 127.0.0.1, no usage stats, no token auth.
@@ -288,7 +288,7 @@ def run(opts) -> dict:
     shapes = opts.shapes
     budget_default = BatchSettings().pixel_budget
     result: dict = {
-        "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "load_average_at_start": list(os.getloadavg())},
         "settings": {"shapes": [s.label for s in shapes], "clients": opts.clients, "seconds_per_config": opts.duration,

@@ -1,6 +1,6 @@
 """FLUX.1-dev's architecture with random weights, and random LoRAs for it: GPU benchmarks without downloads.
 
-Every module is built from FLUX.1-dev's published config (notes/flux-dev-architecture.md) directly
+Every module is built from FLUX.1-dev's published config (docs/performance.md) directly
 on the device in the target dtype. Pixels are meaningless; the arithmetic, memory traffic and
 sequence lengths (512 T5 tokens, 4096 image tokens at 1024²) are the real model's, so timings are.
 """

@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -214,7 +214,7 @@ def run_bench(opts) -> dict:
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpus": os.cpu_count(), "torch": __import__("torch").__version__,
                     "load_average_1m_at_start_and_end": [load_start, os.getloadavg()[0]]},
-        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
     }
 
 

@@ -1,31 +1,18 @@
 r"""ai-toolkit's own preview goldens, drawn on this machine: how many levels its CPU kernels are off.
 
-The goldens (../shared/golden/preview: a request, what ai-toolkit ran and the PNG it drew) come from
-ai-toolkit's `sample()`/`generate_images()` on the small model, on a CPU with AVX-512 and AVX512_BF16.
-torch's CPU bf16 kernels differ by instruction set (the order of sums in a matmul, attention's
-blocking), and in this small model one bf16 rounding flip early in the denoising moves pixels by a few
-levels. So a correct implementation shows 0 levels only on a CPU whose kernels match the goldens'. This
-script draws every golden with the preview engine (no Ray, no server) and reports, for each, the largest
-and mean difference in 0-255 levels and the share of values that differ, beside the CPU's capability:
+The goldens (tests/golden/preview: a request, what ai-toolkit ran and the PNG it drew; PROVENANCE.md
+there says how they were made) come from ai-toolkit's `sample()`/`generate_images()` on the small
+model, on a CPU with AVX-512 and AVX512_BF16. torch's CPU bf16 kernels differ by instruction set (the
+order of sums in a matmul, attention's blocking), and in this small model one bf16 rounding flip early
+in the denoising moves pixels by a few levels. So a correct implementation shows 0 levels only on a
+CPU whose kernels match the goldens'. This script draws every golden with the preview engine (no Ray,
+no server) and reports, for each, the largest and mean difference in 0-255 levels and the share of
+values that differ, beside the CPU's capability:
 
-    python -m bench.preview_goldens --out DIR       # DIR/preview_goldens.json and .md, about 10 s
-    python -m bench.preview_goldens --goldens DIR   # another golden directory (default: ../shared's)
-
-Device command (a lent machine's host CPU may have AVX512_BF16; its torch may differ from 2.13.0, which
-the goldens were drawn with, and then says so in the JSON). The image has no diffusers, optimum-quanto,
-pydantic or this peft: they travel as wheels with the goldens, once, in the checkout's root:
-
-    printf '/.whl/\n/.goldens/\n' >> .git/info/exclude && cp -r ../shared/golden/preview .goldens
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl diffusers==0.42.1 optimum-quanto==0.2.7 ninja==1.13.2 peft==0.21.2 pydantic==2.14.4 \
-        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
-        importlib-metadata==10.2.0
-
-then one `run` with carry [".whl", ".goldens"] and timeout_s 300:
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-        && PYTHONPATH=/tmp/site:$PWD python3 -m bench.preview_goldens --goldens .goldens --out $OUT
+```bash
+.venv/bin/python -m bench.preview_goldens --out bench/results      # about 10 s
+.venv/bin/python -m bench.preview_goldens --goldens DIR --out OUT  # another directory of goldens
+```
 """
 
 from __future__ import annotations
@@ -55,7 +42,7 @@ from serve_app.schemas import InferenceRequest
 from serve_app.workitems import WorkItem
 
 GOLDEN_DIR = Path(
-    os.environ.get("FLUX_SERVE_PREVIEW_GOLDENS", Path(__file__).resolve().parents[2] / "shared/golden/preview")
+    os.environ.get("FLUX_SERVE_PREVIEW_GOLDENS", Path(__file__).resolve().parents[1] / "tests/golden/preview")
 )
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones torch's and oneDNN's bf16 kernels pick by
 
@@ -132,11 +119,23 @@ class Residual:
         return f"max {self.max} mean {self.mean:.4f} levels, {self.share_differing:.2%} of values differ"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def draws_like_the_goldens() -> bool:
+    """Whether this CPU has the bf16 kernels the goldens were drawn with (AVX512_BF16): there, 0 levels."""
+    return "avx512_bf16" in cpu_flags()
+
+
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line)  # the last CPU's; all are alike
     fields = {key.strip(): value.strip() for key, value in fields.items()}
-    flags = set(fields.get("flags", "").split())
+    flags = cpu_flags()
     return {
         "cpu": fields.get("model name") or platform.machine(),
         "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS},

@@ -56,32 +56,29 @@ def build_app_with(args: AppArgs, deployments: dict[str, dict[str, Any]]) -> App
         for model in args.models
     }
     jobs = serve.deployment(
-        FluxJobs,
         name=JOBS,
         num_replicas=1,  # exactly one: it owns the job store (and its lease, serving/store.py)
         max_ongoing_requests=10_000,  # every open event stream holds one long-poll call
         graceful_shutdown_timeout_s=60,  # drain the long-polls (30 s at most), then hand the store over
         ray_actor_options={"num_cpus": 0},
-    )
+    )(FluxJobs)
     ingress = serve.deployment(
-        serve.ingress()(FluxIngress),
         name=INGRESS,
         max_ongoing_requests=1000,  # the default 5 would throttle the whole service
         ray_actor_options={"num_cpus": 0},
-    )
+    )(serve.ingress()(FluxIngress))
     bound_jobs = _with(jobs, deployments.get(JOBS)).bind(generators, args)
     return _with(ingress, deployments.get(INGRESS)).bind(generators, bound_jobs, args)
 
 
 def _generator(model: ModelArgs) -> Deployment:
     return serve.deployment(
-        FluxGenerator,
         name=model.deployment_name,
         max_ongoing_requests=16,  # ≥ max_batch_size × the keys you want in flight at once
         user_config=model.batching.model_dump(),
         graceful_shutdown_timeout_s=300,  # let a running batch finish on scale-down
         health_check_timeout_s=60,
-    )
+    )(FluxGenerator)
 
 
 def _with(deployment: Deployment, options: dict[str, Any] | None) -> Deployment:
@@ -90,10 +87,11 @@ def _with(deployment: Deployment, options: dict[str, Any] | None) -> Deployment:
 
 def _generate_webhook_secret(args: AppArgs) -> None:
     """The webhook signing secret of a machine that has none: written once to `webhooks.secret_file`."""
-    if os.environ.get(args.webhooks.secret_env):
+    secret_file = args.webhooks.secret_file  # set whenever generate_secret is (WebhookArgs refuses it unset)
+    if os.environ.get(args.webhooks.secret_env) or secret_file is None:
         return
-    if write_secret_file(args.webhooks.secret_file):
-        logger.info("webhooks: generated a signing secret in %s", args.webhooks.secret_file)
+    if write_secret_file(secret_file):
+        logger.info("webhooks: generated a signing secret in %s", secret_file)
 
 
 def _write_demo_lora(args: AppArgs) -> None:

@@ -1,8 +1,8 @@
 """A command-line client for flux-serve.
 
     python -m serve_app.client "[trigger] a photo of a person" --trigger sks \\
-        --lora demo/demo_lora.safetensors --out person.jpg
-    python -m serve_app.client preview --config my_job.yaml --lora my_job/my_job.safetensors --out previews/
+        --lora demo/demo_lora.safetensors --out out/person.jpg
+    python -m serve_app.client preview --config my_job.yaml --lora my_job/my_job.safetensors --out out/previews
 
 The first sends one prompt to /v1/generate, or with --async to /v1/inference, following the job's
 event stream with a progress bar until it ends, and writes the image to --out. `preview` reads an
@@ -10,7 +10,10 @@ ai-toolkit job config (its trigger word, `sample:` section, `model.quantize` and
 /v1/previews for the run's sample grid (with the same progress bar), on the preview model that
 matches the run (`flux-preview` when quantized, else `flux-preview-bf16`); the LoRA is a source the
 server can read (nothing is uploaded). The API key, if the server wants one, comes from the
-FLUX_SERVE_API_KEY environment variable.
+FLUX_SERVE_API_KEY environment variable. Images go under out/ unless --out says otherwise.
+
+A failure (a config it cannot read, an error answer from the server, a server it cannot reach)
+prints one line to stderr, `error: ...` (an error answer as `error: <code>: <message>`), and exits 1.
 """
 
 from __future__ import annotations
@@ -26,9 +29,15 @@ from typing import TextIO
 
 import httpx
 
-FINISHED = ("succeeded", "failed", "canceled")
+from serve_app.states import JobStatus
+
 STREAM_ATTEMPTS = 5  # a broken event stream is opened again: it starts with the job's status
 BAR_WIDTH = 30
+EXTENSIONS = {"jpeg": "jpg"}  # a file name's extension for an output_format, where the two differ
+
+
+class ClientError(Exception):
+    """A failure the client reports as one line, `error: <message>`, and exit status 1 (main())."""
 
 
 def build_request(args: argparse.Namespace) -> dict:
@@ -55,10 +64,17 @@ def run_async(client: httpx.Client, body: dict, out: TextIO | None = None, path:
     _raise_for_error(answer)
     request_id = answer.json()["request_id"]
     status = follow_events(client, request_id, out or sys.stderr)
-    if status["status"] != "succeeded":
-        raise SystemExit(f"job {request_id} {status['status']}: {status['error_code']}: {status['error']}")
-    result = client.get(f"/v1/requests/{request_id}/result").json()
-    return [(image, client.get(image["url"]).content) for image in result["outputs"]["images"]]
+    if status["status"] != JobStatus.SUCCEEDED:
+        raise ClientError(f"job {request_id} {status['status']}: {status.get('error_code')}: {status.get('error')}")
+    answer = client.get(f"/v1/requests/{request_id}/result")
+    _raise_for_error(answer)
+    return [(image, _fetch(client, image["url"])) for image in answer.json()["outputs"]["images"]]
+
+
+def _fetch(client: httpx.Client, url: str) -> bytes:
+    answer = client.get(url)
+    _raise_for_error(answer)
+    return answer.content
 
 
 def follow_events(client: httpx.Client, request_id: str, out: TextIO) -> dict:
@@ -78,12 +94,12 @@ def follow_events(client: httpx.Client, request_id: str, out: TextIO) -> dict:
                         return status
         except httpx.TransportError as exc:
             out.write(f"\nthe event stream broke off ({type(exc).__name__}); reopening it\n")
-    raise SystemExit(f"job {request_id}: the event stream kept breaking off")
+    raise ClientError(f"job {request_id}: the event stream kept breaking off")
 
 
 def iter_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
     """(event, data) of each Server-Sent Events message; comments (keep-alives) are skipped."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     for line in lines:
         if not line:
             if data:
@@ -105,21 +121,23 @@ def progress_bar(status: dict) -> str:
     progress = status.get("progress") or {}
     images = max(progress.get("images", 1), 1)
     done, step, steps = progress.get("images_done", 0), progress.get("step", 0), progress.get("steps", 0)
-    running = step / steps if steps and done < images and status["status"] == "in_progress" else 0.0
-    fraction = 1.0 if status["status"] == "succeeded" else min((done + running) / images, 1.0)
+    running = step / steps if steps and done < images and status["status"] == JobStatus.IN_PROGRESS else 0.0
+    fraction = 1.0 if status["status"] == JobStatus.SUCCEEDED else min((done + running) / images, 1.0)
     filled = round(fraction * BAR_WIDTH)
     return (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction:4.0%}  image {min(done + 1, images)}/{images}"
             f"  step {step}/{steps}  {status['status']:<11}")
 
 
 def _raise_for_error(answer: httpx.Response) -> None:
+    """A non-200 answer as a ClientError: `<code>: <message>` from our error envelope, else the status
+    and the start of the body."""
     if answer.status_code != 200:
         try:
             error = answer.json()["error"]
             message = f"{error['code']}: {error['message']}"
         except Exception:
-            message = answer.text[:500]
-        raise SystemExit(f"HTTP {answer.status_code}: {message}")
+            message = f"HTTP {answer.status_code}: {answer.text[:500] or answer.reason_phrase}"
+        raise ClientError(message)
 
 
 def preview_request(config: dict, lora: str | None, model: str | None, output_format: str) -> dict:
@@ -129,9 +147,11 @@ def preview_request(config: dict, lora: str | None, model: str | None, output_fo
         ValueError: the file is not an ai-toolkit job config with a `sample:` section.
     """
     job = config.get("config") if isinstance(config, dict) else None
-    processes = job.get("process") if isinstance(job, dict) else None
-    if not processes or not isinstance(processes[0], dict) or not isinstance(processes[0].get("sample"), dict):
-        raise ValueError("not an ai-toolkit job config: expected config.process[0].sample")
+    job = job if isinstance(job, dict) else {}
+    processes = job.get("process")
+    if (not isinstance(processes, list) or not processes or not isinstance(processes[0], dict)
+            or not isinstance(processes[0].get("sample"), dict)):
+        raise ValueError("no `sample:` section; an ai-toolkit job config has one at config.process[0].sample")
     process = processes[0]
     quantized = bool((process.get("model") or {}).get("quantize", False))
     body = {"model": model or ("flux-preview" if quantized else "flux-preview-bf16"), "sample": process["sample"],
@@ -143,8 +163,6 @@ def preview_request(config: dict, lora: str | None, model: str | None, output_fo
 
 
 def run_preview(argv: list[str]) -> None:
-    import yaml
-
     parser = argparse.ArgumentParser(prog="python -m serve_app.client preview",
                                      description="Reproduce an ai-toolkit run's sample previews")
     parser.add_argument("--config", required=True, help="the ai-toolkit job config (YAML)")
@@ -152,22 +170,56 @@ def run_preview(argv: list[str]) -> None:
     parser.add_argument("--model", help="the preview model (default: from the config's model.quantize)")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--format", choices=["jpeg", "png", "webp"], default="jpeg")
-    parser.add_argument("--out", default="previews", help="directory for the images")
+    parser.add_argument("--out", default="out/previews", help="directory for the images")
     args = parser.parse_args(argv)
-    with open(args.config) as f:
-        body = preview_request(yaml.safe_load(f), args.lora, args.model, args.format)
+    body = _preview_body(args)
     with httpx.Client(base_url=args.url, headers=_auth_headers(), timeout=600) as client:
         images = run_async(client, body, path="/v1/previews")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = body.get("job_name", "preview")
-    extension = {"jpeg": "jpg"}.get(args.format, args.format)
+    extension = EXTENSIONS.get(args.format, args.format)
     for image, data in images:
         path = out / f"{stem}_{image['index']:02d}.{extension}"
-        path.write_bytes(data)
+        _save(path, data)
         effective = image.get("effective") or {}
         print(f"{path}: {image['width']}x{image['height']} seed {image['seed']} {effective.get('prompt', '')!r}",
               file=sys.stderr)
+
+
+def _preview_body(args: argparse.Namespace) -> dict:
+    """The /v1/previews body for `preview`'s arguments, from the job config file they name."""
+    import yaml
+
+    try:
+        with open(args.config, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+        return preview_request(config, args.lora, args.model, args.format)
+    except OSError as exc:
+        raise ClientError(f"cannot read config {args.config}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ClientError(f"config {args.config} is not YAML: {exc}") from None
+    except ValueError as exc:
+        raise ClientError(f"config {args.config}: {exc}") from None
+
+
+def _save(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as exc:
+        raise ClientError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _unreachable(exc: httpx.TransportError) -> str:
+    """One line for a request that got no answer (connection refused, timeout, a bad --url)."""
+    try:
+        url = exc.request.url
+    except RuntimeError:  # no request attached
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        origin = f"{url.scheme}://{url.netloc.decode()}"
+        return f"cannot connect to {origin} ({str(exc) or type(exc).__name__}); is the server running (`make serve`)?"
+    return f"request to {url} failed ({type(exc).__name__}): {exc}"
 
 
 def _auth_headers() -> dict:
@@ -176,7 +228,17 @@ def _auth_headers() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run the client. The one place failures are reported: a ClientError, or a request that got no
+    answer, prints one line to stderr (`error: ...`) and exits 1, with no traceback."""
+    try:
+        _run(sys.argv[1:] if argv is None else argv)
+    except (ClientError, httpx.TransportError) as exc:
+        message = str(exc) if isinstance(exc, ClientError) else _unreachable(exc)
+        print("error: " + " ".join(message.split()), file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _run(argv: list[str]) -> None:
     if argv[:1] == ["preview"]:
         return run_preview(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,16 +256,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=["jpeg", "png", "webp"], default="jpeg")
     parser.add_argument("--async", dest="use_async", action="store_true",
                         help="submit a job and follow its progress until it ends")
-    parser.add_argument("--out", default="image.jpg")
+    parser.add_argument("--out", help="the image file (default: out/image.<format's extension>)")
     args = parser.parse_args(argv)
 
     with httpx.Client(base_url=args.url, headers=_auth_headers(), timeout=600) as client:
         body = build_request(args)
         images = run_async(client, body) if args.use_async else run_sync(client, body)
-    out = Path(args.out)
+    out = Path(args.out or f"out/image.{EXTENSIONS.get(args.format, args.format)}")
     for image, data in images:
         path = out if len(images) == 1 else out.with_stem(f"{out.stem}-{image['index']}")
-        path.write_bytes(data)
+        _save(path, data)
         print(f"{path}: {image['width']}x{image['height']} seed {image['seed']}", file=sys.stderr)
 
 

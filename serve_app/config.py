@@ -7,11 +7,12 @@ instead of being ignored. Defaults live only here.
 from __future__ import annotations
 
 import os
-import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from serve_app.net.url_policy import HostPolicy
+from serve_app.net.url_policy import check_host_entry
 
 TINY_SOURCE = "tiny"
 GENERATOR_PREFIX = "FluxGenerator-"
@@ -34,8 +35,9 @@ JOBS_DEPLOYMENT = "FluxJobs"  # generators look it up by name to report progress
 ModelId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 # `module.path:attribute`
 ImportPath = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
-# An allowed_hosts entry: `.domain`, `name`, `name:port`, `IPv4[:port]`, `[IPv6][:port]` or a bare IPv6.
-_HOST_ENTRY = re.compile(r"^(\.?[a-z0-9_][a-z0-9_.-]*(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?|[0-9a-f]*:[0-9a-f:.]+)$")
+# An entry of any `allowed_hosts` list: `.domain`, `name`, `name:port`, `IPv4[:port]`, `[IPv6][:port]` or a
+# bare IPv6, checked by the one parser the policy itself uses (net/url_policy.py).
+HostEntry = Annotated[str, AfterValidator(check_host_entry)]
 
 
 class StrictModel(BaseModel):
@@ -121,12 +123,19 @@ class FastPathArgs(StrictModel):
     )
 
 
+class ModelKind(StrEnum):
+    """What a model runs: the reference server's pipeline, or ai-toolkit's training preview of a LoRA."""
+
+    REFERENCE = "reference"
+    PREVIEW = "preview"
+
+
 class ModelArgs(StrictModel):
     """One served model: its own generator deployment, `FluxGenerator-<id>`."""
 
     id: ModelId = Field("flux", description="The `model` value clients send; names the deployment")
-    kind: Literal["reference", "preview"] = Field(
-        "reference",
+    kind: ModelKind = Field(
+        ModelKind.REFERENCE,
         description="`reference`: diffusers' FluxPipeline called as the reference server calls it; `preview`: "
         "ai-toolkit's training preview of a LoRA (its prompt flags, bf16, LoRA merged or as an fp32 branch)",
     )
@@ -141,7 +150,8 @@ class ModelArgs(StrictModel):
     default_guidance_scale: float = Field(4.0, ge=0, le=20, description="guidance_scale when a prompt gives none")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when there is one")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="`auto`: bf16 on CUDA, fp32 on CPU, as the reference"
+        "auto", description="`auto`: bf16 on CUDA, fp32 on CPU, as the reference; speed fp8 and preview models "
+        "run bf16 only (auto or bfloat16)"
     )
     torch_threads: PositiveInt | None = Field(
         None, description="torch intra-op threads of a replica; unset: Ray's choice (the replica's num_cpus)"
@@ -164,10 +174,41 @@ class ModelArgs(StrictModel):
     def deployment_name(self) -> str:
         return GENERATOR_PREFIX + self.id
 
+    @property
+    def is_preview(self) -> bool:
+        """ai-toolkit's training preview (`kind: preview`), not the reference pipeline: the one place the
+        kind is read."""
+        return self.kind == ModelKind.PREVIEW
+
     @model_validator(mode="after")
-    def _previews_run_exact(self) -> ModelArgs:
-        if self.kind == "preview" and self.speed != "exact":
-            raise ValueError(f"model {self.id!r}: a preview model reproduces ai-toolkit's path; speed must be exact")
+    def _settings_fit_the_kind(self) -> ModelArgs:
+        """A setting only the other kind reads is refused, naming it, never ignored or patched: a preview
+        reproduces ai-toolkit's path (exact, loaded its own way), and only a preview reads `quantize`."""
+        if self.is_preview:
+            misfits = {
+                "speed": self.speed != "exact",
+                "fast_path": self.fast_path != FastPathArgs(),
+                "revision": self.revision is not None,
+            }
+            why = "a preview reproduces ai-toolkit's path: speed exact, no fast_path, no revision (leave them unset)"
+        else:
+            misfits = {"quantize": not self.quantize}
+            why = "quantize is ai-toolkit's setting, read by preview models only (leave it unset)"
+        fields = [name for name, misfit in misfits.items() if misfit]
+        if fields:
+            verb = "does" if len(fields) == 1 else "do"
+            raise ValueError(f"model {self.id!r}: {', '.join(fields)} {verb} not fit kind {self.kind.value!r}; {why}")
+        return self
+
+    @model_validator(mode="after")
+    def _dtype_fits_the_engine(self) -> ModelArgs:
+        # torchao's row-wise fp8 takes bf16 activations; a preview runs ai-toolkit's bf16 on every device.
+        bf16_only = "speed 'fp8'" if self.speed == "fp8" else "kind 'preview'" if self.is_preview else None
+        if bf16_only and self.dtype not in ("auto", "bfloat16"):
+            raise ValueError(
+                f"model {self.id!r}: dtype {self.dtype!r} cannot run with {bf16_only}, which runs bfloat16 only; "
+                "set dtype to auto or bfloat16"
+            )
         return self
 
 
@@ -203,7 +244,7 @@ class LoraArgs(StrictModel):
     max_file_bytes: PositiveInt = Field(2 * 2**30, description="Largest LoRA file accepted")
     # Hugging Face's /resolve/ links redirect to subdomains of huggingface.co and hf.co (the CDN,
     # cas-bridge.xethub.hf.co): every redirect hop must be allowed too, so the defaults hold those.
-    allowed_hosts: list[str] = Field(
+    allowed_hosts: list[HostEntry] = Field(
         default_factory=lambda: ["huggingface.co", ".huggingface.co", ".hf.co", "civitai.com"],
         description="Hosts http(s):// LoRA URLs and each of their redirects may reach, exactly as spelled: "
         "`name` or `IP` (any port), `name:port` or `IP:port` (that port only), `.domain` (it and its subdomains)",
@@ -226,13 +267,6 @@ class LoraArgs(StrictModel):
     hf_enabled: bool = Field(True, description="Allow hf://owner/repo/file sources")
     max_adapters_per_replica: PositiveInt = Field(8, description="LoRA sets each generator replica keeps loaded (LRU)")
     write_demo: bool = Field(False, description="Write the demo LoRA for the built-in small model on start")
-
-    @model_validator(mode="after")
-    def _allowed_hosts_are_well_formed(self) -> LoraArgs:
-        bad = [entry for entry in self.allowed_hosts if not _HOST_ENTRY.match(entry.strip().lower())]
-        if bad:
-            raise ValueError(f"loras.allowed_hosts: not a host, host:port or .domain entry: {bad}")
-        return self
 
 
 MEMORY_STORE = "memory"
@@ -276,9 +310,9 @@ class JobArgs(StrictModel):
 
 
 class WebhookArgs(StrictModel):
-    """Where `webhook_url` may point, and how deliveries are signed and retried (SPEC section 9)."""
+    """Where `webhook_url` may point, and how deliveries are signed and retried (docs/jobs.md)."""
 
-    allowed_hosts: list[str] = Field(
+    allowed_hosts: list[HostEntry] = Field(
         default_factory=list,
         description="Hosts a webhook_url may name, exactly as spelled: `name` or `IP` (any port), `name:port` "
         "or `IP:port` (that port only), `.domain` (it and its subdomains); empty: webhooks are refused",
@@ -290,7 +324,8 @@ class WebhookArgs(StrictModel):
         "FLUX_SERVE_WEBHOOK_SECRET", description="Environment variable holding the signing secret"
     )
     secret_file: str | None = Field(
-        None, description="File holding the signing secret, read when the environment variable is unset"
+        None, description="File holding the signing secret, read when the environment variable is unset; "
+        "from either, the text with surrounding whitespace stripped is the secret"
     )
     generate_secret: bool = Field(
         False, description="Write a random secret to `secret_file` on start if neither it nor the variable is set"
@@ -304,15 +339,7 @@ class WebhookArgs(StrictModel):
         return bool(self.allowed_hosts)
 
     @model_validator(mode="after")
-    def _hosts_parse_and_a_generated_secret_has_a_file(self) -> WebhookArgs:
-        bad = []
-        for entry in self.allowed_hosts:
-            try:
-                HostPolicy([entry], allow_private=False)
-            except ValueError:
-                bad.append(entry)
-        if bad:
-            raise ValueError(f"webhooks.allowed_hosts: not a host, host:port or .domain entry: {bad}")
+    def _a_generated_secret_has_a_file(self) -> WebhookArgs:
         if self.generate_secret and not self.secret_file:
             raise ValueError("webhooks.generate_secret needs webhooks.secret_file (where to write it)")
         return self

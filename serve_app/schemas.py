@@ -1,4 +1,4 @@
-"""The HTTP contract: request, response and error models (SPEC sections 1 and 3).
+"""The HTTP contract: request, response and error models (docs/api.md).
 
 Request models ignore unknown fields, as the reference server does, so a client written for it
 keeps working. Bounds live here and only here; limits that an operator sets (prompts per request,
@@ -12,7 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from serve_app.config import ModelKind
 from serve_app.net.url_policy import UrlRefused, split_url
+from serve_app.states import JobStatus, LoraMode
 
 MAX_SEED = 2**64 - 1
 # The API's own defaults (the reference's). Steps and guidance default per model: GET /v1/models.
@@ -21,7 +23,6 @@ DEFAULT_SEED = 42  # plus the prompt's index
 DEFAULT_MULTIPLIER = 1.0
 RESOLUTION_DIVISOR = 16
 OutputFormat = Literal["jpeg", "png", "webp"]
-JobStatus = Literal["in_queue", "in_progress", "succeeded", "failed", "canceled"]
 
 
 class _Request(BaseModel):
@@ -197,7 +198,9 @@ class ImageInfo(BaseModel):
     height: int = Field(description=f"Effective height (floored to {RESOLUTION_DIVISOR})")
     seed: int = Field(description="The seed used (drawn when the request said -1)")
     effective: EffectiveSettings | None = Field(None, description="Preview models: the settings that ran")
-    lora_mode: str | None = Field(None, description="Preview models: `merged`, `hook`, or `none` without a LoRA")
+    lora_mode: LoraMode | None = Field(
+        None, description="Preview models: `merged`, `hook`, or `none` without a LoRA"
+    )
 
 
 class ImageOutput(ImageInfo):
@@ -220,7 +223,9 @@ class ResultMetadata(BaseModel):
     loras: list[LoraReport] = Field(default_factory=list)
     inference_time: float | None = Field(None, description="Seconds from the start of work to the end")
     speed_tier: str | None = Field(None, description="exact, compiled or fp8: the model's tier that drew the images")
-    lora_mode: str | None = Field(None, description="peft (separate adapters) or slot (the compiled tiers' LoRA slot)")
+    lora_mode: LoraMode | None = Field(
+        None, description="peft (separate adapters) or slot (the compiled tiers' LoRA slot)"
+    )
 
 
 class ImageOutputs(BaseModel):
@@ -241,14 +246,14 @@ class ResultResponse(BaseModel):
 
 class GenerateResponse(BaseModel):
     request_id: str
-    status: Literal["succeeded"] = "succeeded"
+    status: Literal[JobStatus.SUCCEEDED] = JobStatus.SUCCEEDED
     images: list[InlineImage]
     metadata: ResultMetadata
 
 
 class ModelCard(BaseModel):
     id: str
-    kind: Literal["reference", "preview"] = Field(
+    kind: ModelKind = Field(
         description="`reference`: the reference server's pipeline; `preview`: ai-toolkit's training previews"
     )
     description: str

@@ -14,11 +14,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 TINY_VERSION = "v1"  # bump when anything below changes the written bytes
 SEED = 1234
@@ -33,7 +34,7 @@ warm cold soft sharp golden hour sunset sunrise fog mist neon glow shadow lens c
 wide shot view background foreground standing sitting walking running flying under over near""".split()
 PUNCT = list(".,!?'-:;()\"0123456789")
 
-TRANSFORMER_CONFIG = dict(
+TRANSFORMER_CONFIG: dict[str, Any] = dict(
     patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
     num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
     axes_dims_rope=(4, 6, 6),
@@ -73,7 +74,7 @@ def _bpe_merges(words: list[str]) -> list[tuple[str, str]]:
                 counts[pair] = counts.get(pair, 0) + 1
         if not counts:
             return merges
-        best = max(counts, key=counts.get)  # the first of equals: deterministic
+        best = max(counts, key=lambda pair: counts[pair])  # the first of equals: deterministic
         merges.append(best)
         for pieces in splits:
             i = 0
@@ -90,17 +91,18 @@ def _clip_tokenizer() -> CLIPTokenizer:
     vocab = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]  # last, as in the real CLIP vocabulary
     vocab_ids = {t: i for i, t in enumerate(dict.fromkeys(vocab))}
-    return CLIPTokenizer(vocab=vocab_ids, merges=merges, model_max_length=77)
+    # transformers annotates `merges` as list[str] ("a b" lines); its BPE takes (a, b) pairs as well.
+    return CLIPTokenizer(vocab=vocab_ids, merges=merges, model_max_length=77)  # type: ignore[arg-type]
 
 
-def _t5_tokenizer() -> T5TokenizerFast:
+def _t5_tokenizer() -> T5Tokenizer:  # transformers 5's tokenizers-backed T5 (T5TokenizerFast is its alias)
     """Unigram vocabulary: whole words score above single characters, so words stay whole."""
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [c.upper() for c in "abcdefghijklmnopqrstuvwxyz"]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [("▁" + w, -5.0 - 0.1 * i / len(WORDS)) for i, w in enumerate(WORDS)]
     vocab += [(s, -8.0) for s in ("s", "es", "ed", "ing", "er", "ly", "y")]  # common suffixes
     vocab += [(c, -12.0) for c in chars + PUNCT] + [("▁" + c, -11.0) for c in chars + PUNCT]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
 def _seeded(offset: int) -> None:
@@ -183,7 +185,7 @@ def _block_linears() -> dict[str, tuple[int, int]]:
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
     return {
-        name: tuple(m.weight.shape)
+        name: (m.out_features, m.in_features)
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))
     }

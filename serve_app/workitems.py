@@ -10,6 +10,8 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from serve_app.states import LoraMode
+
 
 @dataclass(frozen=True)
 class LoraUse:
@@ -45,7 +47,7 @@ class BatchKey:
     steps: int
     guidance: float
     loras: tuple[LoraUse, ...] = ()
-    lora_mode: str = ""  # a preview model's: "merged" or "hook", chosen per request; "" for the others
+    lora_mode: LoraMode = LoraMode.UNSET  # a preview model's: merged or hook, chosen per request; unset for the others
 
     @property
     def pixels(self) -> int:
@@ -97,9 +99,9 @@ class ItemResult:
     data: bytes = field(repr=False)
     seconds: float = 0.0
     lora_modules: tuple[tuple[str, int], ...] = ()  # (LoRA key, matched module count)
-    speed_tier: str = "exact"  # the engine's tier that drew it (SPEC section 7)
-    lora_mode: str = "peft"  # peft | slot; a preview model's: merged | hook | none
-    # What ran, for a preview model's `effective` (SPEC section 6): the item's after its prompt flags.
+    speed_tier: str = "exact"  # the engine's tier that drew it (docs/performance.md)
+    lora_mode: LoraMode = LoraMode.PEFT  # peft | slot; a preview model's: merged | hook | none
+    # What ran, for a preview model's `effective` (docs/models.md): the item's after its prompt flags.
     prompt: str = ""
     steps: int = 0
     guidance: float = 0.0

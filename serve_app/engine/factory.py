@@ -17,7 +17,7 @@ def build_engine(model: ModelArgs) -> Engine:
     if model.engine is not None:
         module_name, _, attribute = model.engine.partition(":")
         return getattr(importlib.import_module(module_name), attribute).from_args(model)
-    if model.kind == "preview":
+    if model.is_preview:
         from serve_app.engine.preview.model import PreviewModel
 
         return PreviewModel.from_args(model)

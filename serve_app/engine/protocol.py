@@ -13,6 +13,7 @@ from typing import Protocol
 from PIL import Image
 
 from serve_app.loras.files import LoraFile
+from serve_app.states import LoraMode
 from serve_app.workitems import WorkItem
 
 # Polled after each denoising step: True stops the call (every image in it is unwanted).
@@ -35,10 +36,10 @@ class AdapterWeight:
 
 @dataclass(frozen=True)
 class CallMode:
-    """How an engine runs a call, for the result's metadata (SPEC section 7)."""
+    """How an engine runs a call, for the result's metadata (docs/performance.md)."""
 
     speed_tier: str  # exact | compiled | fp8
-    lora_mode: str  # peft (PEFT adapters, eager) | slot (the compile-stable LoRA slot)
+    lora_mode: LoraMode  # peft (PEFT adapters, eager) | slot (the compile-stable LoRA slot); a preview's: hook | none
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """FluxEngine: one diffusers FluxPipeline, called exactly the way the reference server calls it.
 
-The reference (notes/reference.md section 2) calls `pipe(prompt, height, width,
+The reference (docs/models.md) calls `pipe(prompt, height, width,
 num_inference_steps, guidance_scale, generator, negative_prompt)` and leaves everything else at
 diffusers' defaults (max_sequence_length 512, true_cfg_scale 1.0, the model's own scheduler).
 We do the same for a list of items that share a BatchKey, with one CPU generator per image, so
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
@@ -22,6 +21,7 @@ from PIL import Image
 
 from serve_app import errors
 from serve_app.config import TINY_SOURCE, ModelArgs
+from serve_app.engine.loader import dtype_for, load_pipeline, pick_device
 from serve_app.engine.protocol import (
     AdapterWeight,
     CallMode,
@@ -33,45 +33,10 @@ from serve_app.engine.protocol import (
 from serve_app.errors import ApiError
 from serve_app.loras.errors import display_source
 from serve_app.loras.files import LoraFile
+from serve_app.states import LoraMode
 from serve_app.workitems import WorkItem
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(device: str = "auto") -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def dtype_for(device: str, dtype: str = "auto") -> torch.dtype:
-    """`auto` is bf16 on CUDA and fp32 on CPU, as the reference."""
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
-def load_flux_pipeline(
-    source: str, device: str, revision: str | None = None, dtype: torch.dtype | None = None
-) -> FluxPipeline:
-    """Load a FluxPipeline from `tiny`, a local diffusers directory or a Hugging Face repo id.
-
-    `tiny` is built once into a cache directory and then loaded through the same
-    `from_pretrained` path as any other directory, so what is served is exactly what
-    `python -m serve_app.tiny --out DIR` exports.
-    """
-    if source == TINY_SOURCE:
-        from serve_app.tiny import ensure_tiny_dir
-
-        source = str(ensure_tiny_dir())
-    kwargs = {"dtype": dtype or dtype_for(device)}
-    if revision and not Path(source).is_dir():
-        kwargs["revision"] = revision
-    pipe = FluxPipeline.from_pretrained(source, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 def _adapter_config(metadata: dict[str, str]) -> dict | None:
@@ -100,7 +65,7 @@ class FluxEngine:
     def load(cls, source: str = TINY_SOURCE, device: str = "auto", revision: str | None = None,
              dtype: str = "auto") -> FluxEngine:
         device = pick_device(device)
-        return cls(load_flux_pipeline(source, device, revision, dtype_for(device, dtype)), device)
+        return cls(load_pipeline(source, device, revision, dtype_for(device, dtype)), device)
 
     @classmethod
     def from_args(cls, model: ModelArgs) -> FluxEngine:
@@ -201,7 +166,7 @@ class FluxEngine:
 
     def describe_call(self, adapters: Sequence[AdapterWeight]) -> CallMode:
         """The speed tier and LoRA mode a call with `adapters` runs in (the exact tier: always PEFT)."""
-        return CallMode(self.speed_tier, "peft")
+        return CallMode(self.speed_tier, LoraMode.PEFT)
 
     def warmup(self) -> None:
         """Nothing to prepare: the exact tier runs eager."""

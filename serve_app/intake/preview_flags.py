@@ -19,7 +19,9 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
+
+from serve_app.states import LoraMode
 
 PIPELINE_DIVISOR = 16  # FluxPipeline: latents are 1/8 of the image, packed 2x2
 MIN_SIZE = 64
@@ -39,9 +41,6 @@ NO_EFFECT_FLAGS = frozenset(
 )
 
 
-LoraMode = Literal["merged", "hook"]
-
-
 def choose_lora_mode(quantized: bool, multipliers: Sequence[float]) -> LoraMode:
     """ai-toolkit's rule (`generate_images`): merged when unquantized and one multiplier for all images.
 
@@ -52,9 +51,9 @@ def choose_lora_mode(quantized: bool, multipliers: Sequence[float]) -> LoraMode:
         multipliers: the multiplier of every image of the request.
 
     Returns:
-        `"merged"` or `"hook"`.
+        `LoraMode.MERGED` or `LoraMode.HOOK`.
     """
-    return "merged" if not quantized and len(set(multipliers)) == 1 else "hook"
+    return LoraMode.MERGED if not quantized and len(set(multipliers)) == 1 else LoraMode.HOOK
 
 
 class PromptFlagError(ValueError):
@@ -195,7 +194,7 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
     if not prompt:
         return ParsedPrompt(text=prompt, flags=PromptFlags())
     pieces = prompt.strip().split("--")
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}  # PromptFlags attribute -> its value (an int, float or str, per _VALUE_FLAGS)
     ignored: list[str] = []
     for piece in pieces[1:]:
         flag = piece.split(" ")[0].strip()

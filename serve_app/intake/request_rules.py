@@ -1,7 +1,7 @@
-"""Request → work items: every rule of SPEC sections 1 and 6 past the schema, as one pure function.
+"""Request → work items: every rule of docs/api.md, docs/models.md past the schema, as one pure function.
 
 `build_work_items` returns one work item per prompt or raises an `ApiError` with its code. For a
-reference model it applies the reference's rules (notes/reference.md sections 1-2): the model,
+reference model it applies the reference's rules (docs/models.md): the model,
 operator limits, trigger word, floor to 16, defaults and seeds. For a preview model it applies
 ai-toolkit's (preview_flags): `[name]` and `[trigger]`, prompt flags, sizes floored to 8 then 16,
 one LoRA, and the merge-or-hook choice made per request. No Ray, no torch.
@@ -30,6 +30,7 @@ from serve_app.schemas import (
     PreviewRequest,
     PromptItem,
 )
+from serve_app.states import LoraMode
 from serve_app.workitems import BatchKey, LoraUse, WorkItem
 
 RANDOM_SEED_BOUND = 2**31 - 1  # the reference draws torch.randint(0, 2147483647)
@@ -80,7 +81,7 @@ def build_work_items(
     model = find_model(request.model, args)
     _check_request_limits(request, args)
     loras = _lora_uses(request, model, args, resolve_lora)
-    if model.kind == "preview":
+    if model.is_preview:
         items = _preview_items(request, loras, model, request_id)
     else:
         items = [_work_item(request, prompt, i, loras, model, request_id) for i, prompt in enumerate(request.prompts)]
@@ -126,8 +127,8 @@ def _lora_uses(
     if args.strict_reference and not request.loras:
         raise ApiError(errors.LORA_FILE_REQUIRED, "at least one LoRA is required (strict_reference)",
                        {"field": "loras"})
-    if (args.strict_reference or model.kind == "preview") and len(request.loras) > 1:
-        why = "a preview is of one LoRA file" if model.kind == "preview" else "strict_reference"
+    if (args.strict_reference or model.is_preview) and len(request.loras) > 1:
+        why = "a preview is of one LoRA file" if model.is_preview else "strict_reference"
         raise ApiError(
             errors.SINGLE_LORA_ONLY,
             f"model {model.id!r} takes a single LoRA ({why}); got {len(request.loras)}",
@@ -195,7 +196,7 @@ def _preview_items(
     """A preview model's items: each prompt as ai-toolkit's sample() and GenerateImageConfig read it."""
     settings = [_preview_settings(request, p, i, loras, model) for i, p in enumerate(request.prompts)]
     # ai-toolkit merges the LoRA for a whole grid when unquantized and every image has one multiplier.
-    mode = choose_lora_mode(model.quantize, [s.multiplier for s in settings]) if loras else ""
+    mode = choose_lora_mode(model.quantize, [s.multiplier for s in settings]) if loras else LoraMode.UNSET
     items = []
     for i, (p, s) in enumerate(zip(request.prompts, settings)):
         uses = tuple(LoraUse(u.source, s.multiplier, u.token_digest) for u in loras)

@@ -1,4 +1,4 @@
-"""Live job updates: the change signal FluxJobs keeps per job, and the Server-Sent Events stream (SPEC §9).
+"""Live job updates: the change signal FluxJobs keeps per job, and the Server-Sent Events stream (docs/jobs.md).
 
 FluxJobs bumps a job's `ChangeSignal` at every change (status, progress, webhook). The ingress
 long-polls `FluxJobs.wait_change(id, version, timeout_s)` and turns each new version into an
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from serve_app.schemas import StatusResponse
 
 KEEPALIVE = b": keepalive\n\n"  # an SSE comment: keeps proxies from closing a quiet stream
-_FINISHED = ("succeeded", "failed", "canceled")
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class JobUpdate:
 
     @property
     def finished(self) -> bool:
-        return self.status.status in _FINISHED
+        return self.status.status.is_final
 
 
 class ChangeSignal:
@@ -52,7 +51,7 @@ class ChangeSignal:
         """Until the next bump, or `timeout_s`, whichever comes first."""
         try:
             await asyncio.wait_for(self._changed.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

@@ -13,10 +13,15 @@ Where things live:
   image's denoising step, the change signal event streams wait on, and the tasks that run jobs
   and deliver webhooks.
 
+A job's deadline is its request's: the one the ingress set on the work items when it took the
+request (`jobs.timeout_s`, or a shorter X-Flux-Timeout). The record keeps it, and the items run
+again from the record carry it, with `report_progress` asked for here (an async job's images report
+their steps to FluxJobs).
+
 Restart (`restore`, then `start`): the records are read back. Unfinished jobs go back to
 `in_queue` and run again (images already stored are kept, not made again), unless their deadline
-(`jobs.timeout_s` from submission) passed while no replica ran them: those end `failed` with
-TIMEOUT. Finished jobs whose webhook is not delivered resume their deliveries.
+passed while no replica ran them: those end `failed` with TIMEOUT. Finished jobs whose webhook is
+not delivered resume their deliveries.
 
 A job's items wait for one of `jobs.max_dispatched_items` slots before they go to a generator, so
 a job that has not reached a generator is really `in_queue`, and cancelling it means its work
@@ -30,7 +35,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from serve_app import errors
 from serve_app.config import AppArgs
@@ -38,9 +43,10 @@ from serve_app.errors import ApiError
 from serve_app.jobs.events import ChangeSignal, JobUpdate
 from serve_app.jobs.progress import ItemProgress
 from serve_app.jobs.records import JobRecord, StoredImage, StoredItem, jobs_to_prune
-from serve_app.jobs.store import JobStore
+from serve_app.jobs.store import STORE_FAULTS, JobStore
 from serve_app.jobs.webhooks import WebhookSender
 from serve_app.schemas import ResultMetadata, ResultResponse, StatusResponse, WebhookStatus
+from serve_app.states import JobStatus
 from serve_app.web.guards import overloaded
 from serve_app.web.outputs import Links
 from serve_app.workitems import ItemResult, WorkItem
@@ -51,6 +57,14 @@ logger = logging.getLogger("ray.serve")
 Dispatch = Callable[[WorkItem, dict[str, str] | None], Awaitable[ItemResult | ApiError]]
 STORE_ATTEMPTS = 3
 SWEEP_S = 60.0  # retention also runs this often, so an idle service drops expired jobs too
+
+
+def request_deadline(items: list[WorkItem], default: float) -> float:
+    """The job's deadline: the one the ingress gave the request's items (unix seconds, `jobs.timeout_s` or
+    X-Flux-Timeout from when it took the request), so the job has no more time than the request asked
+    for; `default` for items without one."""
+    deadlines = [item.deadline for item in items if item.deadline is not None]
+    return min(deadlines) if deadlines else default
 
 
 @dataclass
@@ -115,7 +129,7 @@ class JobManager:
         """Read the store's records back (blocking: call before serving); `start` then runs them."""
         for record in self.store.load_records():
             if not record.finished:
-                record.status = "in_queue"
+                record.status = JobStatus.IN_QUEUE
             self.jobs[record.request_id] = Job(record)
         orphans = self.store.image_job_ids() - set(self.jobs)  # images a crash left without a record
         for request_id in orphans:
@@ -160,9 +174,9 @@ class JobManager:
             return self._status(self.jobs[request_id])
         await self._prune(room=1)
         self._check_capacity(len(items))
-        now = time.time()
+        deadline = request_deadline(items, time.time() + timeout_s)
         record = JobRecord(
-            request_id=request_id, created_at=now, deadline=now + timeout_s,
+            request_id=request_id, created_at=deadline - timeout_s, deadline=deadline,
             items=[StoredItem.of(item) for item in items], metadata=metadata, webhook_url=webhook_url,
             webhook=WebhookStatus(delivered=False, attempts=0) if webhook_url else None,
         )
@@ -170,11 +184,14 @@ class JobManager:
         self.jobs[request_id] = job  # counted now: a submit arriving while this one is written sees it
         try:
             await self._save(job)
-        except Exception as exc:
+        except STORE_FAULTS as exc:
             del self.jobs[request_id]
             logger.error("job %s not accepted: the job store failed (%s)", request_id, type(exc).__name__)
             raise ApiError(errors.JOBS_UNAVAILABLE, "the job store cannot be written now; retry later",
                            {"retry_after_s": self.args.limits.retry_after_s}) from None
+        except Exception:  # a bug, not the store: not accepted, and not passed off as a store fault
+            del self.jobs[request_id]
+            raise
         job.task = asyncio.create_task(self._run(job))
         return self._status(job)
 
@@ -188,7 +205,7 @@ class JobManager:
     async def image(self, request_id: str, index: int) -> tuple[bytes, str]:
         record = self._get(request_id).record
         stored = record.image(index)
-        if record.status != "succeeded" or stored is None:
+        if record.status != JobStatus.SUCCEEDED or stored is None:
             raise ApiError(
                 errors.REQUEST_NOT_FOUND,
                 f"request {request_id!r} has no image {index} (status {record.status})",
@@ -206,7 +223,7 @@ class JobManager:
         if not job.record.finished:
             if job.task is not None:
                 job.task.cancel()  # its generator calls are cancelled too: queued work never runs
-            await self._finish(job, "canceled", ApiError(errors.CANCELED, "cancelled by the client"))
+            await self._finish(job, JobStatus.CANCELED, ApiError(errors.CANCELED, "cancelled by the client"))
         return self._status(job)
 
     async def wait_change(self, request_id: str, version: str | None, timeout_s: float) -> JobUpdate:
@@ -238,40 +255,43 @@ class JobManager:
             return
         missing = sorted({item.model for item in record.items} - self.models)
         if missing:
-            await self._finish(job, "failed", ApiError(errors.MODEL_NOT_FOUND, f"model {missing[0]!r} is not served"))
+            not_served = ApiError(errors.MODEL_NOT_FOUND, f"model {missing[0]!r} is not served")
+            await self._finish(job, JobStatus.FAILED, not_served)
             return
         timeout = f"the request did not finish within {record.deadline - record.created_at:g} s"
         if restored and record.deadline <= time.time():
             why = f"{timeout} (its time ran out while the job service restarted)"
-            await self._finish(job, "failed", ApiError(errors.TIMEOUT, why))
+            await self._finish(job, JobStatus.FAILED, ApiError(errors.TIMEOUT, why))
             return
-        items = [stored.work_item(record.request_id, record.deadline)
+        # The request's deadline (the record's), and a job's own wish: its items report their steps here.
+        items = [replace(stored.work_item(record.request_id, record.deadline), report_progress=True)
                  for stored in record.items if record.image(stored.index) is None]
         try:
             outcomes = await asyncio.wait_for(
                 asyncio.gather(*(self._run_item(job, item) for item in items)), timeout=record.deadline - time.time()
             )
-        except asyncio.TimeoutError:
-            await self._finish(job, "failed", ApiError(errors.TIMEOUT, timeout))
+        except TimeoutError:
+            await self._finish(job, JobStatus.FAILED, ApiError(errors.TIMEOUT, timeout))
             return
         except asyncio.CancelledError:
             return  # cancelled by the client (cancel() ended it) or the replica is closing
         except Exception:  # a bug here must still end the job
             logger.exception("job %s failed", record.request_id)
-            await self._finish(job, "failed", ApiError(errors.GENERATION_FAILED, "the job failed in the server"))
+            failed = ApiError(errors.GENERATION_FAILED, "the job failed in the server")
+            await self._finish(job, JobStatus.FAILED, failed)
             return
         failures = [outcome for outcome in outcomes if outcome is not None]
         if failures:
-            await self._finish(job, "failed", failures[0])
+            await self._finish(job, JobStatus.FAILED, failures[0])
         else:
-            await self._finish(job, "succeeded")
+            await self._finish(job, JobStatus.SUCCEEDED)
 
     async def _run_item(self, job: Job, item: WorkItem) -> ApiError | None:
         """Generate and store one image; the image's bytes leave this replica as soon as they are stored."""
         async with self.slots:
             job.steps[item.index] = (0, item.key.steps)
-            if job.record.status == "in_queue":
-                job.record.status = "in_progress"
+            if job.record.status == JobStatus.IN_QUEUE:
+                job.record.status = JobStatus.IN_PROGRESS
                 job.record.started_at = job.record.started_at or time.time()
                 await self._save_quietly(job)
             job.signal.bump()
@@ -291,7 +311,7 @@ class JobManager:
         await self._save_quietly(job)
         return None
 
-    async def _finish(self, job: Job, status: str, error: ApiError | None = None) -> None:
+    async def _finish(self, job: Job, status: JobStatus, error: ApiError | None = None) -> None:
         if not job.record.finish(status, time.time(), error):
             return
         job.steps.clear()
@@ -324,7 +344,10 @@ class JobManager:
             job.signal.bump()
             await self._save_quietly(job)
 
-        final = await self.webhooks.deliver(record.webhook_url, body, record.webhook, on_attempt)
+        webhooks, url, webhook = self.webhooks, record.webhook_url, record.webhook
+        if webhooks is None or url is None or webhook is None:  # never: _webhook_pending checked them
+            return
+        final = await webhooks.deliver(url, body, webhook, on_attempt)
         logger.info("job %s webhook: delivered=%s after %d attempts (%s)", record.request_id, final.delivered,
                     final.attempts, final.last_error or "ok")
 
@@ -371,13 +394,14 @@ class JobManager:
             logger.error("job %s: record not written (%s: %s)", job.record.request_id, type(exc).__name__, exc)
 
     async def _store_call(self, fn: Callable, *args):
-        """A store call on a worker thread, tried again after a short wait when it fails."""
+        """A store call on a worker thread, tried again after a short wait when the store fails
+        (`STORE_FAULTS`); a missing object, or anything else (a bug), raises at once."""
         for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
                 return await asyncio.to_thread(fn, *args)
             except FileNotFoundError:
                 raise
-            except Exception:
+            except STORE_FAULTS:
                 if attempt == STORE_ATTEMPTS:
                     raise
                 await asyncio.sleep(0.2 * 2**attempt)
@@ -391,7 +415,7 @@ class JobManager:
 
     def _is_preview(self, record: JobRecord) -> bool:
         model = self.args.model(record.metadata.model)
-        return model is not None and model.kind == "preview"
+        return model is not None and model.is_preview
 
     def _version(self, job: Job) -> str:
         return f"{self.epoch}:{job.signal.count}"

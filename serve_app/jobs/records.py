@@ -5,42 +5,41 @@ status, timestamps and deadline, its work items (written out field by field, so 
 carries, such as an `hf_token`, is never among them), the metadata of its result, the images it has
 stored and its webhook. It never holds image bytes: those are separate objects of the store.
 
-`jobs_to_prune` is the retention rule (SPEC section 9), applied to the records of finished jobs.
+`jobs_to_prune` is the retention rule (docs/jobs.md), applied to the records of finished jobs.
 No Ray here.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import JobArgs
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, ErrorCode
 from serve_app.schemas import (
     ImageOutput,
     ImageOutputs,
     JobProgress,
-    JobStatus,
     OutputFormat,
     ResultMetadata,
     ResultResponse,
     StatusResponse,
     WebhookStatus,
 )
+from serve_app.states import JobStatus, LoraMode
 from serve_app.web.outputs import Links, image_fields, with_matched_modules
 from serve_app.workitems import BatchKey, ItemResult, LoraUse, WorkItem
 
-SCHEMA_VERSION = 1
-FINISHED = ("succeeded", "failed", "canceled")
+SCHEMA_VERSION: Final = 1
 
 
 def iso(ts: float | None) -> str | None:
     """ISO 8601 UTC with one zone suffix: 2026-11-25T17:00:00.123456Z."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class _Stored(BaseModel):
@@ -67,7 +66,7 @@ class StoredItem(_Stored):
     steps: int
     guidance: float
     loras: list[StoredLora] = Field(default_factory=list)
-    lora_mode: str = ""
+    lora_mode: LoraMode = LoraMode.UNSET
 
     @classmethod
     def of(cls, item: WorkItem) -> StoredItem:
@@ -81,6 +80,7 @@ class StoredItem(_Stored):
         )
 
     def work_item(self, request_id: str, deadline: float) -> WorkItem:
+        """The work item as it was stored, with the job's deadline (the request's); nothing else is added."""
         key = BatchKey(
             model=self.model, width=self.width, height=self.height, steps=self.steps, guidance=self.guidance,
             loras=tuple(LoraUse(lora.source, lora.multiplier, lora.token_digest) for lora in self.loras),
@@ -88,7 +88,7 @@ class StoredItem(_Stored):
         )
         return WorkItem(
             request_id=request_id, index=self.index, prompt=self.prompt, seed=self.seed, key=key, neg=self.neg,
-            output_format=self.output_format, deadline=deadline, report_progress=True,
+            output_format=self.output_format, deadline=deadline,
         )
 
 
@@ -104,7 +104,7 @@ class StoredImage(_Stored):
     seconds: float = 0.0
     lora_modules: list[tuple[str, int]] = Field(default_factory=list, description="(LoRA key, modules matched)")
     speed_tier: str = "exact"
-    lora_mode: str = "peft"
+    lora_mode: LoraMode = LoraMode.PEFT
     # What ran (a preview model's `effective`): the item's prompt, steps, guidance and LoRA multiplier.
     prompt: str = ""
     steps: int = 0
@@ -126,13 +126,13 @@ class JobRecord(_Stored):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     request_id: str
-    status: JobStatus = "in_queue"
+    status: JobStatus = JobStatus.IN_QUEUE
     created_at: float
     deadline: float = Field(description="Unix seconds: the job fails with TIMEOUT past it (jobs.timeout_s)")
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
-    error_code: str | None = None
+    error_code: ErrorCode | None = None
     items: list[StoredItem]
     metadata: ResultMetadata
     images: list[StoredImage] = Field(default_factory=list, description="Stored so far, in the order they finished")
@@ -141,7 +141,7 @@ class JobRecord(_Stored):
 
     @property
     def finished(self) -> bool:
-        return self.status in FINISHED
+        return self.status.is_final
 
     @property
     def image_bytes(self) -> int:
@@ -158,7 +158,7 @@ class JobRecord(_Stored):
         """
         if self.finished:
             return False
-        self.status = status
+        self.status = JobStatus(status)
         self.finished_at = finished_at
         if error is not None:
             self.error, self.error_code = error.message, error.code
@@ -204,11 +204,12 @@ class JobRecord(_Stored):
             request_id=self.request_id, status=self.status, error=self.error, error_code=self.error_code,
             created_at=iso(self.created_at), finished_at=iso(self.finished_at), metadata=self.metadata,
         )
-        if self.status == "succeeded":
+        if self.status == JobStatus.SUCCEEDED:
             images = sorted(self.images, key=lambda image: image.index)
             response.outputs = ImageOutputs(images=[
                 ImageOutput(**image_fields(image, preview), url=links.image(self.request_id, image.index))
                 for image in images])
+            assert self.finished_at is not None  # finish() sets it with the status
             took = round(self.finished_at - (self.started_at or self.created_at), 3)
             response.metadata = with_matched_modules(self.metadata, images[0]).model_copy(
                 update={"inference_time": took})

@@ -26,6 +26,8 @@ import uuid
 from typing import Any, Protocol
 
 import fsspec
+from botocore.exceptions import BotoCoreError, ClientError
+from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ValidationError
 
@@ -39,6 +41,26 @@ IMAGES = "images"
 LEASE = "lease.json"
 # Request ids are uuid4 hex (serving/ingress.py); anything else found in a store is not ours.
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _store_faults() -> tuple[type[BaseException], ...]:
+    faults: list[type[BaseException]] = [
+        OSError,  # disk and mount errors; s3fs turns the S3 answers it knows into these too
+        FSTimeoutError,  # an fsspec call that ran out of time
+        BotoCoreError,  # what s3fs passes on untranslated: no connection, no credentials, ...
+        ClientError,
+    ]
+    try:
+        from aiohttp import ClientError as HttpClientError  # under aiobotocore (s3fs), gcsfs, http
+    except ImportError:  # pragma: no cover - s3fs brings it
+        pass
+    else:
+        faults.append(HttpClientError)
+    return tuple(faults)
+
+
+# What a store call raises when the store itself fails (worth another try); anything else is a bug.
+STORE_FAULTS = _store_faults()
 
 
 class Lease(BaseModel):

@@ -1,17 +1,19 @@
-"""Webhooks (SPEC section 9): where a `webhook_url` may point, how a delivery is signed, and sending it.
+"""Webhooks (docs/jobs.md): where a `webhook_url` may point, how a delivery is signed, and sending it.
 
-- Policy: the URL rules of SPEC section 8 (`engine/url_policy.py`, shared with LoRA downloads) with
+- Policy: the URL rules of docs/loras.md (`net/url_policy.py`, shared with LoRA downloads) with
   the webhooks' own allow-list: a host exactly as spelled in `webhooks.allowed_hosts` (`IP:port`
   entries allow that address and port only, `.domain` its subdomains), and a name that resolves to
   a loopback, private or link-local address refused unless `webhooks.allow_private_addresses`. The
   ingress checks it at submit (400 WEBHOOK_FORBIDDEN); every delivery checks it again, resolves the
-  host once and connects to exactly the addresses it checked, so a second DNS answer cannot move it.
+  host once and connects to exactly the addresses it checked (`net/pinned.py`, the backend LoRA
+  downloads use), so a second DNS answer cannot move it.
 - Signature: `X-Flux-Signature: t=<unix seconds>,sha256=<hex of HMAC-SHA256(key = the secret's
   text in UTF-8, "<t>." + the exact body bytes)>`, made anew for each attempt.
 - Delivery: the job's result body is POSTed; a 2xx answer delivers it. Any other answer (redirects
   are never followed), a connection error or a timeout is retried after `backoff_s`, doubling, up
   to `max_attempts` in all; each attempt may take at most `timeout_s`. FluxJobs runs deliveries on
-  tasks of their own, never in the generation path.
+  tasks of their own, never in the generation path; each POST runs on a thread of the sender's own
+  pool, so a slow receiver never holds the threads the job store's calls use.
 
 No Ray here.
 """
@@ -26,6 +28,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpcore
@@ -34,6 +37,7 @@ import httpx
 from serve_app import errors
 from serve_app.config import WebhookArgs
 from serve_app.errors import ApiError
+from serve_app.net.pinned import PinnedBackend
 from serve_app.net.url_policy import HostPolicy, Target, UrlRefused, split_url
 from serve_app.schemas import WebhookStatus
 
@@ -41,25 +45,34 @@ logger = logging.getLogger("ray.serve")
 
 SIGNATURE_HEADER = "X-Flux-Signature"
 SECRET_BYTES = 32
+POST_THREADS = 16  # POSTs in flight at once per sender; more wait for a thread (their time starts then)
 
 
 # ---- the secret and the signature ------------------------------------------------------------------
 
 
 def write_secret_file(path: str) -> bool:
-    """Create `path` with a random secret unless it exists (owner-only); True when it was written."""
+    """Create `path` with a random secret unless it exists (owner-only); True when it was written.
+
+    The file holds the secret alone, 64 hex digits with no newline, so its exact text is the key a
+    receiver uses (e.g. `open(path).read()`); `load_secret` reads it back by the same rule as any file.
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never overwrites one in use
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(SECRET_BYTES) + "\n")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(secrets.token_hex(SECRET_BYTES))
     return True
 
 
 def load_secret(args: WebhookArgs) -> str | None:
     """The signing secret: the environment variable `secret_env`, else the text of `secret_file`.
+
+    One rule for both: the value's surrounding whitespace is stripped (a file saved with a final
+    newline, `echo secret > file`, signs as the secret alone); what remains, in UTF-8, is the HMAC
+    key. Whitespace inside the secret is kept. A generated file (`write_secret_file`) has none to strip.
 
     Returns:
         None when webhooks are off (no allowed host).
@@ -71,7 +84,7 @@ def load_secret(args: WebhookArgs) -> str | None:
         return None
     secret = os.environ.get(args.secret_env, "").strip()
     if not secret and args.secret_file and Path(args.secret_file).is_file():
-        secret = Path(args.secret_file).read_text().strip()
+        secret = Path(args.secret_file).read_text(encoding="utf-8").strip()
     if not secret:
         where = f"${args.secret_env}" + (f" or {args.secret_file}" if args.secret_file else "")
         raise RuntimeError(f"webhooks are enabled but no signing secret is set ({where})")
@@ -108,7 +121,7 @@ class WebhookPolicy:
 
     def __init__(self, args: WebhookArgs):
         self.enabled = args.enabled
-        self.hosts = HostPolicy(args.allowed_hosts, args.allow_private_addresses)
+        self.hosts = HostPolicy(args.allowed_hosts, args.allow_private_addresses, section="webhooks")
 
     def check(self, url: str) -> Target:
         """Check a URL and resolve its host (blocking: DNS).
@@ -127,37 +140,14 @@ class WebhookPolicy:
         except UrlRefused as exc:
             raise forbidden(exc.reason) from None
         if not self.hosts.allows(parts):
-            raise forbidden(f"host {parts.netloc} is not in webhooks.allowed_hosts")
+            raise forbidden(f"host {parts.netloc} is not in {self.hosts.section}.allowed_hosts")
         try:
             return Target(parts, self.hosts.resolve(parts))
-        except UrlRefused as exc:  # the shared policy names the LoRA switch; ours is the webhooks' one
-            raise forbidden(exc.reason.replace("loras.", "webhooks.")) from None
+        except UrlRefused as exc:
+            raise forbidden(exc.reason) from None
 
 
 # ---- delivery ----------------------------------------------------------------------------------------
-
-
-class PinnedBackend(httpcore.AsyncNetworkBackend):
-    """Connects to the addresses that were checked, whatever host name httpcore asks for."""
-
-    def __init__(self, addresses: tuple[str, ...]):
-        self.addresses = addresses
-        self.inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        error: Exception = httpcore.ConnectError("the host has no address")
-        for address in self.addresses:
-            try:
-                return await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
-        raise error
-
-    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
-        raise httpcore.ConnectError("webhooks never use unix sockets")
-
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
 
 
 class _Refused(Exception):
@@ -177,6 +167,7 @@ class WebhookSender:
         self.policy = WebhookPolicy(args)
         self._secret = secret
         self._ssl = httpx.create_ssl_context()
+        self._threads = ThreadPoolExecutor(POST_THREADS, thread_name_prefix="webhook")
 
     def backoff_s(self, attempts_done: int) -> float:
         """The wait before the next attempt, after `attempts_done` failed ones."""
@@ -217,8 +208,8 @@ class WebhookSender:
         except OSError:
             return "the host name does not resolve"
         try:
-            status = await asyncio.wait_for(self._post(target, body), self.args.timeout_s)
-        except (asyncio.TimeoutError, httpcore.TimeoutException):
+            status = await asyncio.get_running_loop().run_in_executor(self._threads, self._post, target, body)
+        except (TimeoutError, httpcore.TimeoutException):
             return f"no answer within {self.args.timeout_s:g} s"
         except httpcore.ConnectError:
             return "cannot connect"
@@ -230,7 +221,9 @@ class WebhookSender:
             return f"HTTP {status} (redirects are not followed)"
         return f"HTTP {status}"
 
-    async def _post(self, target: Target, body: bytes) -> int:
+    def _post(self, target: Target, body: bytes) -> int:
+        """One POST (blocking); the pinned backend ends every wait `timeout_s` after it starts."""
+        deadline = time.monotonic() + self.args.timeout_s
         parts = target.parts
         headers = [
             (b"Host", parts.netloc.encode()),
@@ -241,9 +234,9 @@ class WebhookSender:
         ]
         url = httpcore.URL(scheme=parts.scheme, host=parts.host, port=parts.port, target=parts.target)
         timeouts = dict.fromkeys(("connect", "read", "write", "pool"), self.args.timeout_s)
-        backend = PinnedBackend(target.addresses)
-        async with (
-            httpcore.AsyncConnectionPool(ssl_context=self._ssl, network_backend=backend, retries=0) as pool,
+        backend = PinnedBackend(target.addresses, deadline)
+        with (
+            httpcore.ConnectionPool(ssl_context=self._ssl, network_backend=backend, retries=0) as pool,
             pool.stream("POST", url, headers=headers, content=body, extensions={"timeout": timeouts}) as response,
         ):
             return response.status  # the body is never read: a receiver's answer is its status

@@ -4,6 +4,7 @@ The replica's LRU (Serve's `@serve.multiplexed`) holds LoRA *sets* (the files of
 Two sets may share a file: {A, B} and {A}. Each file is loaded once as a PEFT adapter and counts
 the sets that hold it, so evicting {A, B} unloads B but keeps A while {A} is cached.
 Not thread-safe: the replica calls it on its engine thread only, while it holds the pipeline lock.
+A file's bytes come from `read_file`, the replica's held copy: nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from serve_app.engine.protocol import AdapterWeight, Engine
 from serve_app.loras.errors import display_source
-from serve_app.loras.sources import LoraSources
+from serve_app.loras.files import LoraFile
 from serve_app.workitems import LoraUse
 
 logger = logging.getLogger(__name__)
@@ -60,26 +61,22 @@ class AdapterCache:
     def __init__(
         self,
         engine: Engine,
-        sources: LoraSources,
+        read_file: Callable[[LoraUse], LoraFile],
         on_load: Callable[[float], None] | None = None,
         on_evict: Callable[[], None] | None = None,
     ):
         self.engine = engine
-        self.sources = sources
+        self.read_file = read_file  # the bytes prefetch held for this file, read from disk
         self.on_load = on_load  # metrics hooks: a file loaded (its seconds), a set released
         self.on_evict = on_evict
         self._loaded: dict[str, _Loaded] = {}
         self.loads = 0  # files loaded since start: a multiplier change must not add one
 
-    def acquire(
-        self, loras: Sequence[LoraUse], tokens: Mapping[str, str] | None = None, deadline: float | None = None
-    ) -> LoraSet:
+    def acquire(self, loras: Sequence[LoraUse]) -> LoraSet:
         """Load what is missing of a set's files and hold each of them for the set.
 
         Args:
             loras: the set's LoRAs (their multipliers do not matter here: they apply per call).
-            tokens: a request's own hf_token per LoRA key (`LoraUse.key`), for a file still to be read.
-            deadline: `time.time()` by which a file evicted from the download cache must be back.
 
         Raises:
             ApiError: a coded 4xx of the first file that cannot be read or loaded; none stays held.
@@ -88,7 +85,7 @@ class AdapterCache:
         taken: list[str] = []
         try:
             for key in sorted(unique):
-                self._hold(unique[key], (tokens or {}).get(key), deadline)
+                self._hold(unique[key])
                 taken.append(key)
         except BaseException:
             for key in taken:
@@ -107,16 +104,16 @@ class AdapterCache:
         """The keys (`LoraUse.key`) of the LoRA files loaded now."""
         return sorted(self._loaded)
 
-    def _hold(self, use: LoraUse, token: str | None, deadline: float | None) -> None:
+    def _hold(self, use: LoraUse) -> None:
         entry = self._loaded.get(use.key)
         if entry is None:
-            entry = self._load(use, token, deadline)
+            entry = self._load(use)
             self._loaded[use.key] = entry
         entry.refs += 1
 
-    def _load(self, use: LoraUse, token: str | None, deadline: float | None) -> _Loaded:
+    def _load(self, use: LoraUse) -> _Loaded:
         start = time.perf_counter()
-        lora = self.sources.read(use.source, token, deadline)  # the bytes, held: eviction can no longer touch them
+        lora = self.read_file(use)
         name = adapter_name(use.key)
         matched = self.engine.load_adapter(name, lora)
         self.loads += 1

@@ -1,11 +1,13 @@
-"""Downloader: the async face of LoraSources, with downloads on a bounded pool of their own threads.
+"""Downloader: a replica's one way to get a LoRA file, with downloads on a bounded pool of their own threads.
 
-A replica (or the ingress's sync path) awaits `fetch` before an item joins a batch. Downloads run
-on at most `loras.download_workers` threads owned by this object: a slow host holds one of those,
-never the event loop, the default thread pool or the engine's thread. Cache hits, root files and
-remembered failures are answered on a short disk check and never queue behind a download. The
-callers of one source (the prompts of a request) share one download. A caller's deadline bounds
-its wait; the download itself goes on to its own deadline, so the next caller finds it cached.
+A replica awaits `hold` before an item joins a batch (its prefetch): this is the only place that
+downloads. Downloads run on at most `loras.download_workers` threads owned by this object: a slow
+host holds one of those, never the event loop, the default thread pool or the engine's thread.
+Cache hits, root files and remembered failures are answered on a short disk check and never queue
+behind a download. The callers of one source (the prompts of a request, the items of several
+requests) share one download: this is the process's one in-flight de-duplication. A caller's
+deadline bounds its wait; the download itself goes on to its own deadline, so the next caller
+finds it cached.
 """
 
 from __future__ import annotations
@@ -14,15 +16,28 @@ import asyncio
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from serve_app.loras.errors import download_failed
-from serve_app.loras.files import LoraFile
 from serve_app.loras.hub import HfToken
-from serve_app.loras.sources import FetchResult, LoraSources
+from serve_app.loras.sources import FetchResult, HeldLora, LoraRef, LoraSources
+
+# A file published by our download can be evicted by another process before we open it (it is the
+# most recently used file then, so only a cache too small for the files in flight does that).
+OPEN_ATTEMPTS = 3
+
+
+@dataclass
+class Held:
+    """A held file and what getting it cost, for metrics."""
+
+    lora: HeldLora
+    remote: bool
+    bytes_downloaded: int = 0
 
 
 class Downloader:
-    """Runs LoraSources downloads on its own bounded thread pool; owned by one process (replica, ingress).
+    """Holds LoRA files for a replica, downloading on its own bounded thread pool (module docstring).
 
     Args:
         sources: the process's LoraSources.
@@ -34,77 +49,71 @@ class Downloader:
         self._pool = ThreadPoolExecutor(
             max_workers or sources.args.download_workers, thread_name_prefix="lora-download"
         )
-        self._inflight: dict[str, Future] = {}
+        self._inflight: dict[str, Future[FetchResult]] = {}
         self._lock = threading.RLock()  # a done callback may run at once, inside _start
 
-    async def fetch(
+    async def hold(
         self,
         source: str,
         token: str | HfToken | None = None,
         deadline: float | None = None,
         request_id: str | None = None,
-    ) -> FetchResult:
-        """Make a source's file available on this node; see `LoraSources.fetch`.
+    ) -> Held:
+        """The source's checked file, held open on this node; downloaded first if it is not here.
 
         Args:
             source: as the client sent it, or canonical.
             token: the request's own hf_token (hf:// only).
-            deadline: `time.time()` after which the caller stops waiting (the sync path passes what
-                is left of the request's timeout, a replica the item's deadline).
+            deadline: `time.time()` after which the caller stops waiting (the item's deadline).
             request_id: names the request in server-side log lines.
+
+        Returns:
+            The held file (close it when done) and the bytes this call's download took.
 
         Raises:
             ApiError: a coded 4xx; LORA_DOWNLOAD_FAILED ("timed out") when the deadline passes first.
         """
-        probe = await asyncio.to_thread(self._probe, source, token)
-        if isinstance(probe, FetchResult):
-            return probe
-        future = self._start(probe, source, token, request_id)
+        ref = await asyncio.to_thread(self.sources.resolve, source, token)
+        downloaded = 0
+        for _ in range(OPEN_ATTEMPTS):
+            held = await asyncio.to_thread(self.sources.hold, ref)
+            if held is not None:
+                return Held(held, ref.remote, downloaded)
+            downloaded += (await self.fetch(ref, deadline, request_id)).bytes_downloaded
+        raise download_failed(ref.source, "the file left the download cache before it could be opened; try again")
+
+    async def fetch(self, ref: LoraRef, deadline: float | None = None, request_id: str | None = None) -> FetchResult:
+        """Download a file into the cache on this pool, shared with the other callers of its source.
+
+        Raises:
+            ApiError: as `LoraSources.fetch`; LORA_DOWNLOAD_FAILED ("timed out") when the deadline passes first.
+        """
+        future, started = self._start(ref, request_id)
         left = None if deadline is None else max(0.0, deadline - time.time())
         try:
             # shield: a caller that gives up (timeout, cancel) must not cancel the download others share
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), left)
-        except asyncio.TimeoutError:
+            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), left)
+        except TimeoutError:
             raise download_failed(
-                source, "timed out: the request's time ran out before the download finished"
+                ref.source, "timed out: the request's time ran out before the download finished"
             ) from None
-
-    async def read(
-        self,
-        source: str,
-        token: str | HfToken | None = None,
-        deadline: float | None = None,
-        request_id: str | None = None,
-    ) -> LoraFile:
-        """The hand-over to a loader (`LoraSources.read`), with any download on this pool.
-
-        Raises:
-            ApiError: as `fetch`, and LORA_INVALID for a file whose tensors cannot be read.
-        """
-        for _ in range(2):
-            lora = await asyncio.to_thread(self.sources.read_local, source, token)
-            if lora is not None:
-                return lora
-            await self.fetch(source, token, deadline, request_id)
-        raise download_failed(source, "the file left the download cache before it could be read; try again")
+        # The bytes count once, for the caller that started the download; the others found it shared.
+        return result if started else FetchResult(ref.source, cached=True)
 
     def close(self) -> None:
         """Stop taking downloads; those running finish on their own deadline."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _probe(self, source: str, token: str | HfToken | None) -> FetchResult | str:
-        """A hit (or a refusal) at once, else the download's key."""
-        hit = self.sources.lookup(source, token)
-        return hit if hit is not None else self.sources.key(source, token)
-
-    def _start(self, key: str, source: str, token: str | HfToken | None, request_id: str | None) -> Future:
+    def _start(self, ref: LoraRef, request_id: str | None) -> tuple[Future[FetchResult], bool]:
+        """The source's download in flight, and whether this call started it."""
         with self._lock:
-            future = self._inflight.get(key)
-            if future is None:
-                future = self._pool.submit(self.sources.fetch, source, token, None, request_id)
-                self._inflight[key] = future
-                future.add_done_callback(lambda _: self._forget(key))
-            return future
+            future = self._inflight.get(ref.key)
+            if future is not None:
+                return future, False
+            future = self._pool.submit(self.sources.fetch, ref, None, request_id)
+            self._inflight[ref.key] = future
+            future.add_done_callback(lambda _: self._forget(ref.key))
+            return future, True
 
     def _forget(self, key: str) -> None:
         with self._lock:

@@ -2,7 +2,7 @@
 
 Every message names the source as the client gave it (minus anything that looks like a credential)
 and a reason in our own words: never upstream bytes, the status or address of a host the client did
-not name, a server path, a pid or a traceback (SPEC section 8). The detail goes to the server's log.
+not name, a server path, a pid or a traceback (docs/loras.md). The detail goes to the server's log.
 """
 
 from __future__ import annotations

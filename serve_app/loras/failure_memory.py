@@ -48,9 +48,5 @@ class FailureMemory:
                 return None
             return copy_error(error)
 
-    def forget(self, key: str) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
-
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,17 +1,19 @@
 """Where a LoRA file comes from: a path under the LoRA root, an http(s) URL, or hf://owner/repo/file.
 
-- `canonical(path)` applies the source policy cheaply (no download, no DNS) and returns the string
-  that is the LoRA's identity everywhere. The ingress calls it for every request.
-- `fetch(...)` makes a remote file local (downloaded once into the disk cache, then cache hits) and
-  checks a root file; a replica calls it (through `Downloader`, on its own threads) before an item
-  joins a batch, and the sync path before it queues.
-- `read(...)` is the hand-over to a loader: the file opened safely and read into memory as tensors
-  (`LoraFile`), so neither cache eviction nor a symlink swapped into the root can change it after.
+One action each, on a `LoraRef` resolved once:
+- `resolve(path, token)` applies the source policy cheaply (no download, no DNS) and names the
+  file: its canonical source (the LoRA's identity everywhere) and its download-cache key. The
+  ingress only calls `canonical` (the same check), so a bad source is a 4xx of its request.
+- `fetch(ref)` makes a remote file local: downloaded once into the disk cache (a hit returns at
+  once, a remembered failure raises again). Only the replica's `Downloader` calls it, on its own
+  threads, before an item joins a batch: it is the one place that touches the network.
+- `hold(ref)` opens the checked file on this node, without any network: the open descriptor is
+  the file's bytes from then on, whatever another process evicts or swaps into the root after.
+  The replica holds it from prefetch until its adapter is loaded.
 
-The policy is SPEC section 8; the parts live beside this module: `url_policy` (hosts and
-addresses), `safe_fetch` (one download), `hf_sources` (hf:// parsing and tokens), `download_cache`
-(the disk cache and its cap), `lora_files` (checks, safe open, reading), `failure_memory`.
-Plain Python: no Ray here.
+The parts live beside this module: `net.url_policy` (hosts and addresses), `net.fetch` (one
+download), `hub` (hf:// parsing and tokens), `cache` (the disk cache and its cap), `files`
+(checks, safe open, reading), `failure_memory`. Plain Python: no Ray here.
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,7 +33,7 @@ from serve_app.loras.errors import display_source, download_failed, forbidden, i
 from serve_app.loras.failure_memory import FailureMemory
 from serve_app.loras.files import LoraFile, check_safetensors, open_in_root, read_lora, resolve_in_root
 from serve_app.loras.hub import DEFAULT_ENDPOINT, HfToken, HubTokens, hub_reason, parse_hf
-from serve_app.net.fetch import DEADLINE_PASSED, Fetcher, FetchRequest, http_status_reason
+from serve_app.net.fetch import Fetcher, FetchRequest, http_status_reason
 from serve_app.net.url_policy import HostPolicy, UrlRefused, split_url
 
 logger = logging.getLogger("ray.serve")
@@ -42,6 +42,30 @@ SUFFIX = ".safetensors"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _HF_WEB_HOSTS = ("huggingface.co", "hf.co")
 _MAX_PATH_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A source the policy allowed, resolved once: what every later step of its file works from.
+
+    Attributes:
+        source: the canonical source.
+        key: its name in the download cache (with the hash of the token it is fetched with); the
+            canonical source itself for a file under the LoRA root.
+        url: where a remote file is downloaded from ("" for a root file).
+        hub: an hf:// source (the Hub's token and error messages apply).
+        token: the token a hub download sends, if any.
+    """
+
+    source: str
+    key: str
+    url: str = ""
+    hub: bool = False
+    token: HfToken | None = field(default=None, repr=False)
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.url)
 
 
 @dataclass(frozen=True)
@@ -59,13 +83,30 @@ class FetchResult:
     bytes_downloaded: int = 0
 
 
-@dataclass(frozen=True)
-class _Remote:
-    source: str  # canonical
-    key: str  # its name in the disk cache (with the hash of the token it is fetched with)
-    url: str
-    hub: bool
-    token: HfToken | None
+class HeldLora:
+    """A checked LoRA file held open on this node: its bytes can no longer change or vanish.
+
+    `read` turns them into tensors (disk only, never the network); `close` lets them go. Read from
+    one thread at a time (the replica's engine thread).
+    """
+
+    def __init__(self, source: str, file: BinaryIO, max_bytes: int):
+        self.source = source
+        self._file = file
+        self._max_bytes = max_bytes
+
+    def read(self) -> LoraFile:
+        """The file's tensors. Raises ApiError (LORA_INVALID) for a file whose tensors cannot be read."""
+        return read_lora(self._file, self.source, self._max_bytes)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> HeldLora:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def is_remote(source: str) -> bool:
@@ -76,7 +117,7 @@ class LoraSources:
     """Source policy, downloads, the disk cache and file checks for LoRA files (see module docstring).
 
     One instance per process (ingress or replica); instances of several processes may share
-    `cache_dir`. Thread-safe.
+    `cache_dir`. Thread-safe; downloads of one source are shared by the process's `Downloader`.
     """
 
     def __init__(self, args: LoraArgs):
@@ -92,13 +133,8 @@ class LoraSources:
         except UrlRefused as exc:
             raise ValueError(f"HF_ENDPOINT is not a usable http(s) URL: {exc.reason}") from None
         self.hub_tokens = HubTokens(os.environ.get("HF_TOKEN"), args.hf_token_repos)
-        self.stats = {"url_cache_hits": 0, "url_downloads": 0, "bytes_downloaded": 0}
-        # Downloads in flight in this process, by cache key: a second caller waits for the first
-        # instead of downloading again. Entries leave when their download ends.
-        self._inflight: dict[str, threading.Event] = {}
-        self._inflight_lock = threading.Lock()
 
-    # ---- canonical: policy only, no download ---------------------------------------------------
+    # ---- the policy: no download -----------------------------------------------------------------
 
     def canonical(self, path: str) -> str:
         """Check a request's `loras[].path` against the policy and return its canonical source.
@@ -125,6 +161,26 @@ class LoraSources:
                 raise forbidden(path, "hf:// sources are disabled (loras.hf_enabled is false)")
             return parse_hf(path).source
         raise forbidden(path, f"scheme {kind}:// is not supported (use a root-relative path, http(s):// or hf://)")
+
+    def resolve(self, path: str, token: str | HfToken | None = None) -> LoraRef:
+        """`canonical`, and the file's cache key and download URL, with the token it is fetched with.
+
+        Args:
+            path: as `canonical`.
+            token: the request's own hf_token (hf:// only; a server token may apply instead).
+
+        Raises:
+            ApiError: as `canonical`; LORA_SOURCE_FORBIDDEN for a malformed token.
+        """
+        source = self.canonical(path)
+        if not is_remote(source):
+            return LoraRef(source, source)
+        if not source.startswith("hf://"):
+            return LoraRef(source, cache_key(source), url=source)
+        hf_file = parse_hf(source)
+        chosen = self.hub_tokens.for_repo(hf_file.repo_id, _as_token(source, token))
+        key = cache_key(source, chosen.digest if chosen else None)
+        return LoraRef(source, key, url=hf_file.url(self.hub_endpoint), hub=True, token=chosen)
 
     def _canonical_root_path(self, path: str) -> str:
         if "\\" in path:
@@ -163,24 +219,40 @@ class LoraSources:
     def _root(self) -> str:
         return os.path.realpath(self.args.root)
 
-    # ---- fetch: a checked file on this node ----------------------------------------------------
+    # ---- hold: the checked file, opened on this node, no network ---------------------------------
 
-    def fetch(
-        self,
-        source: str,
-        token: str | HfToken | None = None,
-        deadline: float | None = None,
-        request_id: str | None = None,
-    ) -> FetchResult:
-        """Make a source's file available on this node: download it once into the cache, or check a root file.
+    def hold(self, ref: LoraRef) -> HeldLora | None:
+        """Open the checked file: a root file, or a remote file in the download cache; None if it is not cached.
 
-        A cache hit returns at once; a source that failed within `loras.failure_ttl_s` raises its
-        error again without a new attempt; a download already in flight in this process is waited
-        for, not repeated.
+        Raises:
+            ApiError: a broken root file, or a failure remembered for this source.
+        """
+        if not ref.remote:
+            f = open_in_root(self._root(), ref.source)  # the policy's target now: a symlink may have changed
+            try:
+                check_safetensors(f, os.fstat(f.fileno()).st_size, ref.source, self.args.max_file_bytes)
+            except BaseException:
+                f.close()
+                raise
+            return HeldLora(ref.source, f, self.args.max_file_bytes)
+        cached = self.cache.open(ref.key)
+        if cached is not None:
+            return HeldLora(ref.source, cached, self.args.max_file_bytes)
+        remembered = self.failures.recall(ref.key)
+        if remembered is not None:
+            raise remembered
+        return None
+
+    # ---- fetch: the one download ---------------------------------------------------------------
+
+    def fetch(self, ref: LoraRef, deadline: float | None = None, request_id: str | None = None) -> FetchResult:
+        """Make a remote file local: download it once into the cache (a root file needs nothing).
+
+        Runs on the caller's thread; the `Downloader` runs it on threads of its own and shares one
+        call among the callers of a source.
 
         Args:
-            source: a source as the client sent it, or canonical.
-            token: the request's own hf_token (hf:// only; used for this call only).
+            ref: the resolved source.
             deadline: `time.time()` by which the caller needs an answer; the download itself is
                 bounded by its own budget (`download_timeout_s` x `download_retries` + backoff).
             request_id: names the request in server-side log lines.
@@ -188,175 +260,48 @@ class LoraSources:
         Raises:
             ApiError: a coded 4xx (LORA_SOURCE_FORBIDDEN, LORA_NOT_FOUND, LORA_INVALID, LORA_DOWNLOAD_FAILED).
         """
-        source = self.canonical(source)  # the policy again: cheap, and a symlink may have changed since
-        if not is_remote(source):
-            with open_in_root(self._root(), source) as f:
-                check_safetensors(f, os.fstat(f.fileno()).st_size, source, self.args.max_file_bytes)
-            return FetchResult(source, cached=True)
-        return self._fetch_remote(self._remote(source, token), deadline, request_id)[0]
-
-    def lookup(self, source: str, token: str | HfToken | None = None) -> FetchResult | None:
-        """What `fetch` answers without downloading: a checked root file or a cache hit, else None.
-
-        Raises:
-            ApiError: the policy's refusal, a broken root file, or a failure remembered for this source.
-        """
-        source = self.canonical(source)
-        if not is_remote(source):
-            return self.fetch(source)
-        remote = self._remote(source, token)
-        if self.cache.contains(remote.key):
-            self.stats["url_cache_hits"] += 1
-            return FetchResult(source, cached=True)
-        remembered = self.failures.recall(remote.key)
+        if not ref.remote or self.cache.contains(ref.key):
+            return FetchResult(ref.source, cached=True)
+        remembered = self.failures.recall(ref.key)
         if remembered is not None:
             raise remembered
-        return None
-
-    def key(self, source: str, token: str | HfToken | None = None) -> str:
-        """The identity of a download: its cache key (canonical source and the hash of the token it is sent with)."""
-        source = self.canonical(source)
-        return self._remote(source, token).key if is_remote(source) else source
-
-    def read(
-        self,
-        source: str,
-        token: str | HfToken | None = None,
-        deadline: float | None = None,
-        request_id: str | None = None,
-    ) -> LoraFile:
-        """The hand-over to a loader: the file's tensors, read from bytes held at this moment.
-
-        A remote file not in the cache (or evicted by another process since it was fetched) is
-        fetched first, within `deadline`. Once the file is open its bytes are this process's: a
-        later eviction or a symlink swap in the root cannot change what is loaded.
-
-        Args: as `fetch`.
-
-        Returns:
-            The LoraFile (canonical source, tensors, metadata, size).
-
-        Raises:
-            ApiError: as `fetch`, and LORA_INVALID for a file whose tensors cannot be read.
-        """
-        for _ in range(3):
-            lora = self.read_local(source, token)
-            if lora is not None:
-                return lora
-            # Downloaded here, the file is read before it is published: no other process can evict it first.
-            remote = self._remote(self.canonical(source), token)
-            _, lora = self._fetch_remote(remote, deadline, request_id, self._reader(remote.source))
-            if lora is not None:
-                return lora
-        raise download_failed(source, "the file left the download cache before it could be read; try again")
-
-    def read_local(self, source: str, token: str | HfToken | None = None) -> LoraFile | None:
-        """`read` without any download: None when a remote file is not in the cache now.
-
-        Raises:
-            ApiError: as `read`.
-        """
-        source = self.canonical(source)
-        if not is_remote(source):
-            with open_in_root(self._root(), source) as f:
-                return read_lora(f, source, self.args.max_file_bytes)
-        f = self.cache.open(self._remote(source, token).key)
-        if f is None:
-            return None
-        with f:
-            return read_lora(f, source, self.args.max_file_bytes)
-
-    def _reader(self, source: str) -> Callable[[BinaryIO], LoraFile]:
-        return lambda f: read_lora(f, source, self.args.max_file_bytes)
-
-    # ---- remote files --------------------------------------------------------------------------
-
-    def _remote(self, source: str, token: str | HfToken | None) -> _Remote:
-        if not source.startswith("hf://"):
-            return _Remote(source, cache_key(source), source, hub=False, token=None)
-        hf_file = parse_hf(source)
-        chosen = self.hub_tokens.for_repo(hf_file.repo_id, _as_token(source, token))
-        key = cache_key(source, chosen.digest if chosen else None)
-        return _Remote(source, key, hf_file.url(self.hub_endpoint), hub=True, token=chosen)
-
-    def _fetch_remote(
-        self,
-        remote: _Remote,
-        deadline: float | None,
-        request_id: str | None,
-        hand_over: Callable[[BinaryIO], LoraFile] | None = None,
-    ) -> tuple[FetchResult, LoraFile | None]:
-        """Cache hit, remembered failure, another thread's download, or ours (read by `hand_over` if given)."""
         until, callers_own = self._until(deadline)
-        while True:
-            if self.cache.contains(remote.key):
-                self.stats["url_cache_hits"] += 1
-                return FetchResult(remote.source, cached=True), None
-            remembered = self.failures.recall(remote.key)
-            if remembered is not None:
-                raise remembered
-            with self._inflight_lock:
-                event = self._inflight.get(remote.key)
-                leader = event is None
-                if leader:
-                    event = self._inflight[remote.key] = threading.Event()
-            if leader:
-                try:
-                    size, lora = self._download(remote, until, callers_own, request_id, hand_over)
-                finally:
-                    with self._inflight_lock:
-                        del self._inflight[remote.key]
-                    event.set()
-                return FetchResult(remote.source, cached=False, bytes_downloaded=size), lora
-            if not event.wait(max(0.0, until - time.monotonic())):
-                raise download_failed(remote.source, DEADLINE_PASSED)
+        size = self._download(ref, until, callers_own, request_id)
+        return FetchResult(ref.source, cached=False, bytes_downloaded=size)
 
-    def _download(
-        self,
-        remote: _Remote,
-        until: float,
-        callers_own: bool,
-        request_id: str | None,
-        hand_over: Callable[[BinaryIO], LoraFile] | None,
-    ) -> tuple[int, LoraFile | None]:
-        """Download into a .part file, check it (and read it, with `hand_over`), publish it.
-
-        A failure that is the source's fault is remembered for `failure_ttl_s`.
-        """
-        log_id = f"[{request_id or '-'}] {display_source(remote.source)}"
+    def _download(self, ref: LoraRef, until: float, callers_own: bool, request_id: str | None) -> int:
+        """Download into a .part file, check it, publish it. A failure that is the source's fault is remembered."""
+        log_id = f"[{request_id or '-'}] {display_source(ref.source)}"
         request = FetchRequest(
-            url=remote.url,
-            label=remote.source,
+            url=ref.url,
+            label=ref.source,
             log_id=log_id,
-            token=remote.token,
-            trusted_origin=self.hub_origin if remote.hub else None,
-            describe_status=hub_reason if remote.hub else http_status_reason,
+            token=ref.token,
+            trusted_origin=self.hub_origin if ref.hub else None,
+            describe_status=hub_reason if ref.hub else http_status_reason,
         )
         try:
-            if remote.hub:
-                _check_hub_online(remote.source)
-            with self.cache.part(remote.key) as part:
+            if ref.hub:
+                _check_hub_online(ref.source)
+            with self.cache.part(ref.key) as part:
                 size = self.fetcher.download(request, part, until)
                 part.seal()
-                check_safetensors(part.file, part.size, remote.source, self.args.max_file_bytes)
-                lora = hand_over(part.file) if hand_over is not None else None
+                check_safetensors(part.file, part.size, ref.source, self.args.max_file_bytes)
                 part.publish()
         except CacheFull:  # a passing state of this node, not the source's fault: not remembered
             logger.warning("LoRA download %s: the download cache is full of downloads in flight", log_id)
-            raise download_failed(remote.source, "the server's download cache has no room for it now") from None
+            raise download_failed(ref.source, "the server's download cache has no room for it now") from None
         except ApiError as error:
             if not (callers_own and time.monotonic() >= until):  # the caller's short deadline is no fault of the source
-                self.failures.remember(remote.key, error)
+                self.failures.remember(ref.key, error)
             logger.warning("LoRA download %s failed: %s", log_id, error.message)
             raise
         except Exception:
             logger.exception("LoRA download %s failed unexpectedly", log_id)
-            error = download_failed(remote.source, "the server could not complete the download")
-            self.failures.remember(remote.key, error)
+            error = download_failed(ref.source, "the server could not complete the download")
+            self.failures.remember(ref.key, error)
             raise error from None
-        self.stats["url_downloads"] += 1
-        self.stats["bytes_downloaded"] += size
-        return size, lora
+        return size
 
     def _until(self, deadline: float | None) -> tuple[float, bool]:
         """The download's deadline on the monotonic clock, and whether it is the caller's (shorter) one."""

@@ -3,15 +3,16 @@
 httpcore does the HTTP (framing, chunked bodies, TLS with the URL's host for SNI and certificate
 checks); this module decides where it may go. Each hop's URL is split once (`url_policy`), checked
 against the allow-list and the address rule, and the connection goes to the addresses that were
-checked, through a network backend that ignores any other name. Redirects are never followed by the
-HTTP client: each Location becomes a new hop with the same checks, an https -> http hop is refused,
-and an Authorization header only ever goes to the origin it belongs to.
+checked, through a network backend that ignores any other name (`net.pinned`, shared with webhooks).
+Redirects are never followed by the HTTP client: each Location becomes a new hop with the same
+checks, an https -> http hop is refused, and an Authorization header only ever goes to the origin it
+belongs to.
 
 One deadline bounds the whole download, retries included: every connect and read waits at most
 what is left of it, so a host that drips bytes cannot hold a download longer. Bodies are read raw
 (`Accept-Encoding: identity`; an encoded answer is refused), so no decoder can fail on them.
 
-Messages follow SPEC section 8: the first hop is the host the client named, so its status ("HTTP
+Messages follow docs/loras.md: the first hop is the host the client named, so its status ("HTTP
 404") may be echoed; nothing about a redirect target (its address, status, whether it answers) is.
 The detail goes to the server's log.
 """
@@ -32,6 +33,7 @@ from serve_app.errors import ApiError
 from serve_app.loras.errors import display_source, download_failed, forbidden
 from serve_app.loras.files import looks_like_html
 from serve_app.loras.hub import HfToken
+from serve_app.net.pinned import PinnedBackend
 from serve_app.net.url_policy import HostPolicy, Target, UrlParts, UrlRefused, split_url
 
 logger = logging.getLogger("ray.serve")
@@ -162,7 +164,7 @@ class Fetcher:
         if previous is not None and previous.scheme == "https" and parts.scheme == "http":
             raise self._refused(request, hop, "", f"https -> http redirect to {display_source(parts.url)}")
         if not (self.policy.allows(parts) or parts.origin == request.trusted_origin):
-            why = f"host {parts.netloc} is not in loras.allowed_hosts"
+            why = f"host {parts.netloc} is not in {self.policy.section}.allowed_hosts"
             raise self._refused(request, hop, why, f"{display_source(parts.url)}: {why}")
         try:
             return Target(parts, self.policy.resolve(parts))
@@ -262,60 +264,3 @@ class Fetcher:
     def _log(self, request: FetchRequest, hop: int, detail: str) -> None:
         """The detail, for the server's log only (signed query values masked all the same)."""
         logger.warning("LoRA download %s, hop %d: %s", request.log_id, hop, detail)
-
-
-class DeadlineStream(httpcore.NetworkStream):
-    """A network stream whose every wait ends at the download's deadline."""
-
-    def __init__(self, stream: httpcore.NetworkStream, deadline: float):
-        self.stream = stream
-        self.deadline = deadline
-
-    def _left(self, timeout: float | None, error: type[Exception]) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise error("the download's deadline passed")
-        return left if timeout is None else min(timeout, left)
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self.stream.read(max_bytes, self._left(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self.stream.write(buffer, self._left(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self.stream.close()
-
-    def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> DeadlineStream:
-        timeout = self._left(timeout, httpcore.ConnectTimeout)
-        return DeadlineStream(self.stream.start_tls(ssl_context, server_hostname, timeout), self.deadline)
-
-    def get_extra_info(self, info: str):
-        return self.stream.get_extra_info(info)
-
-
-class PinnedBackend(httpcore.NetworkBackend):
-    """Connects to the addresses that were checked, whatever host name httpcore asks for."""
-
-    def __init__(self, addresses: tuple[str, ...], deadline: float):
-        self.addresses = addresses
-        self.deadline = deadline
-        self.inner = httpcore.SyncBackend()
-
-    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None) -> DeadlineStream:
-        error: Exception = httpcore.ConnectError("no address")
-        for address in self.addresses:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise httpcore.ConnectTimeout("the download's deadline passed")
-            wait = left if timeout is None else min(timeout, left)
-            try:
-                stream = self.inner.connect_tcp(address, port, wait, local_address, socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
-                continue
-            return DeadlineStream(stream, self.deadline)
-        raise error
-
-    def connect_unix_socket(self, path, timeout=None, socket_options=None):
-        raise httpcore.ConnectError("unix sockets are never used for downloads")

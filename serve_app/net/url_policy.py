@@ -1,11 +1,13 @@
-"""Which hosts a LoRA download may reach, and the exact addresses it may connect to (SPEC section 8).
+"""Which hosts a LoRA download or a webhook may reach, and the exact addresses it may connect to (docs/loras.md).
 
-A host is allowed only as it is spelled in `loras.allowed_hosts`: `127.0.0.1:8000` allows that
-address and port and no other spelling of it (`2130706433`, `127.0.0.1.`, `localhost`), a leading
-`.` allows a domain and its subdomains, a bare name or address allows any port. A checked host is
-then resolved once; every address it resolves to must be public unless
-`loras.allow_private_addresses` is set, and the connection goes to those addresses only (no second
-DNS answer can move it). Redirect hops go through the same check (`safe_fetch`).
+A host is allowed only as it is spelled in an allow-list (`loras.allowed_hosts`,
+`webhooks.allowed_hosts`): `127.0.0.1:8000` allows that address and port and no other spelling of
+it (`2130706433`, `127.0.0.1.`, `localhost`), a leading `.` allows a domain and its subdomains, a
+bare name or address allows any port. Both lists take exactly the entries `parse_host_entry`
+accepts (config.py validates them with it). A checked host is then resolved once; every address it
+resolves to must be public unless the section's `allow_private_addresses` is set, and the
+connection goes to those addresses only (`net.pinned`: no second DNS answer can move it). Redirect
+hops of a download go through the same check (`net.fetch`).
 """
 
 from __future__ import annotations
@@ -111,23 +113,84 @@ def _checked_host(host: str, netloc: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Entry:
-    host: str
+class HostEntry:
+    """One allow-list entry, parsed."""
+
+    host: str  # lower case; an IPv6 address without brackets
     port: int | None  # None: any port
-    subdomains: bool
+    subdomains: bool  # a `.domain` entry: the domain and its subdomains
+
+
+def parse_host_entry(entry: str) -> HostEntry:
+    """Parse an allow-list entry: `name`, `IPv4`, `name:port`, `IPv4:port`, `.domain`, `[IPv6]`,
+    `[IPv6]:port` or a bare IPv6 address (surrounding spaces and case do not matter).
+
+    The one validator of every `allowed_hosts` list: what it refuses, no list takes.
+
+    Raises:
+        ValueError: not such an entry (a host name a URL cannot have, a port outside 1-65535, ...).
+    """
+    text = entry.strip().lower() if isinstance(entry, str) else ""
+    if not text:
+        raise ValueError("an empty entry")
+    if text.startswith("."):
+        domain = text[1:]
+        if ":" in domain:
+            raise ValueError(f"{entry!r}: a .domain entry takes no port")
+        return HostEntry(_entry_name(domain, entry), None, True)
+    if text.startswith("["):  # [v6] or [v6]:port
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{entry!r}: not [IPv6] or [IPv6]:port")
+        return HostEntry(_entry_ipv6(host, entry), _entry_port(rest[1:], entry) if rest else None, False)
+    if text.count(":") > 1:  # a bare IPv6 address
+        return HostEntry(_entry_ipv6(text, entry), None, False)
+    host, colon, port = text.partition(":")
+    return HostEntry(_entry_name(host, entry), _entry_port(port, entry) if colon else None, False)
+
+
+def _entry_name(host: str, entry: str) -> str:
+    if not _HOST_NAME.match(host):
+        raise ValueError(f"{entry!r}: not a host name or IPv4 address")
+    return host
+
+
+def _entry_ipv6(host: str, entry: str) -> str:
+    try:
+        if "%" in host:
+            raise ValueError(host)
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"{entry!r}: not an IPv6 address (zone ids are not taken)") from None
+    return host
+
+
+def _entry_port(port: str, entry: str) -> int:
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
+    return int(port)
+
+
+def check_host_entry(entry: str) -> str:
+    """`parse_host_entry` as a pydantic validator (config.py's `HostEntry` type): the entry, unchanged."""
+    parse_host_entry(entry)
+    return entry
 
 
 class HostPolicy:
     """The allow-list and the address rule, applied to every URL and every redirect hop.
 
     Args:
-        allowed_hosts: entries as in `loras.allowed_hosts`.
+        allowed_hosts: entries as `parse_host_entry` takes them (ValueError otherwise).
         allow_private: allow loopback, private and link-local addresses (tests, closed networks).
+        section: the config section the list and the switch belong to (`loras`, `webhooks`), named by
+            the reasons a URL is refused.
     """
 
-    def __init__(self, allowed_hosts: list[str], allow_private: bool):
-        self.entries = tuple(_parse_entry(e) for e in allowed_hosts)
+    def __init__(self, allowed_hosts: list[str], allow_private: bool, section: str = "loras"):
+        self.entries = tuple(parse_host_entry(e) for e in allowed_hosts)
         self.allow_private = allow_private
+        self.section = section
 
     def allows(self, parts: UrlParts) -> bool:
         """Is this host (as spelled) and port on the allow-list? No DNS here."""
@@ -146,7 +209,7 @@ class HostPolicy:
         Raises OSError (socket.gaierror) when the name does not resolve.
         """
         infos = socket.getaddrinfo(parts.host, parts.port, type=socket.SOCK_STREAM)
-        addresses = tuple(dict.fromkeys(info[4][0] for info in infos))
+        addresses = tuple(dict.fromkeys(str(info[4][0]) for info in infos))  # AF_INET(6): already a str
         for address in addresses:
             self.check_address(address)
         return addresses
@@ -159,20 +222,6 @@ class HostPolicy:
             raise UrlRefused("the host resolves to an address the server never connects to")
         if not ip.is_global and not self.allow_private:
             raise UrlRefused(
-                "the host resolves to a loopback, private or link-local address (loras.allow_private_addresses is off)"
+                "the host resolves to a loopback, private or link-local address "
+                f"({self.section}.allow_private_addresses is off)"
             )
-
-
-def _parse_entry(entry: str) -> _Entry:
-    text = entry.strip().lower()
-    if text.startswith("."):
-        return _Entry(text[1:], None, True)
-    if text.startswith("["):  # [v6] or [v6]:port
-        host, _, rest = text[1:].partition("]")
-        return _Entry(host, int(rest[1:]) if rest.startswith(":") else None, False)
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return _Entry(host, int(port), False)
-    if ":" in text:  # a bare IPv6 address
-        return _Entry(text, None, False)
-    return _Entry(text, None, False)

@@ -16,9 +16,12 @@ A batch, as `run_batch` runs it:
 3. the pipeline lock is released and the gate lets the next wave in before the images are
    encoded (on a worker thread): the pipeline never waits for PNG or JPEG encoding.
 
-Downloads of LoRA files (`prefetch`) run on the Downloader's pool of their own, never on the
-engine thread. A request's own hf_token comes with its items (never in them) and stays in this
-replica's memory only, for the read of the file it fetched.
+A LoRA file reaches the pipeline in one way: `prefetch`, before the item joins a batch, holds the
+checked file open (downloading it first on the Downloader's own threads, within the item's
+deadline); the adapter cache reads those held bytes on the engine thread; the item's end lets them
+go. No network I/O runs on the engine thread or under the pipeline lock, whatever another process
+evicts from the download cache meanwhile. A request's own hf_token comes with its items (never in
+them) and is used by its prefetch only.
 """
 
 from __future__ import annotations
@@ -42,17 +45,18 @@ from serve_app.engine.protocol import CallMode, CompileStats, Engine, Generation
 from serve_app.errors import ApiError
 from serve_app.loras.adapters import AdapterCache, LoraSet
 from serve_app.loras.downloader import Downloader
-from serve_app.loras.sources import LoraSources, is_remote
+from serve_app.loras.sources import LoraSources
 from serve_app.replica.batching import plan_calls
 from serve_app.replica.gate import BatchGate
+from serve_app.replica.held import HeldFiles
 from serve_app.workitems import BatchKey, ItemResult, LoraUse, WorkItem
 
 logger = logging.getLogger("ray.serve")
 
-MAX_TOKENS = 1024  # request tokens kept for the reads of files they fetched (LRU)
 Outcome = ItemResult | ApiError
 Encoder = Callable[[Image.Image, str], bytes]
 LoadSet = Callable[[tuple[LoraUse, ...]], Awaitable[LoraSet]]
+RunItem = Callable[[WorkItem], Awaitable[Outcome]]
 # Told (the call's items, step done, steps) after each denoising step, on the engine thread: keep it quick.
 StepsDone = Callable[[Sequence[WorkItem], int, int], None]
 
@@ -192,8 +196,9 @@ class GeneratorReplica:
         self.observer = observer or ReplicaObserver()
         self.encode = encode
         self.on_steps = on_steps
+        self.held = HeldFiles()
         self.adapters = AdapterCache(
-            engine, sources, on_load=self.observer.lora_loaded, on_evict=self.observer.lora_set_evicted
+            engine, self.held.read, on_load=self.observer.lora_loaded, on_evict=self.observer.lora_set_evicted
         )
         self.lora_sets = lora_sets(self.load_lora_set, max_lora_sets)
         self.gate = BatchGate()
@@ -201,7 +206,6 @@ class GeneratorReplica:
         self.lock = asyncio.Lock()  # one pipeline call at a time: Serve runs sub-batches concurrently
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-engine")
         self.downloader = Downloader(sources)
-        self._tokens: OrderedDict[str, str] = OrderedDict()  # LoRA key -> the request's hf_token
         self._max_per_call = engine.max_images_per_call  # a preview model: one, as ai-toolkit draws them
 
     def configure(self, settings: BatchSettings) -> None:
@@ -213,36 +217,59 @@ class GeneratorReplica:
 
     # ---- before a batch ----------------------------------------------------------------------
 
-    async def prefetch(self, item: WorkItem, tokens: Mapping[str, str] | None = None) -> ApiError | None:
-        """Fetch and check the LoRA files an item needs that are not loaded, before it joins a batch.
-
-        Async jobs reach the generator with URLs not yet downloaded. Doing that inside the batch
-        (under the pipeline lock) would stall every other item for up to the download's deadline, and
-        a broken file would first make the LRU evict a good set: here it costs only its own item.
+    async def generate(self, item: WorkItem, tokens: Mapping[str, str] | None, batch: RunItem) -> Outcome:
+        """One item's way through the replica: prefetch, the gate, its batch; its LoRA files held throughout.
 
         Args:
             item: the work item.
             tokens: the request's own hf_token per LoRA key (`LoraUse.key`), if it sent one.
+            batch: runs the item in a batch (Serve's `@serve.batch` over `run_batch`).
         """
-        loaded = set(self.adapters.loaded_keys())
+        error = await self.prefetch(item, tokens)
+        if error is not None:
+            return error
         try:
-            for use in item.key.loras:
+            await self.admit(item)
+            return await batch(item)
+        except asyncio.CancelledError:
+            self.cancel(item)  # the caller gave up (job cancel or timeout)
+            raise
+        finally:
+            self.release(item)
+
+    async def prefetch(self, item: WorkItem, tokens: Mapping[str, str] | None = None) -> ApiError | None:
+        """Hold the LoRA files an item needs, downloading any that are not on this node, before it joins a batch.
+
+        This is the replica's one download point. Doing it inside the batch (under the pipeline lock)
+        would stall every other item for up to the download's deadline, and a broken file would first
+        make the LRU evict a good set: here it costs only its own item. The item holds its files until
+        `release`, so the bytes its adapters load are the bytes fetched here.
+
+        Args:
+            item: the work item.
+            tokens: the request's own hf_token per LoRA key (`LoraUse.key`), if it sent one.
+
+        Returns:
+            None, or the item's error (a coded 4xx); on an error the item holds nothing.
+        """
+        taken: list[str] = []
+        try:
+            for use in _unique(item.key.loras):
                 token = (tokens or {}).get(use.key)
-                if token is not None:
-                    self._keep_token(use.key, token)
-                if use.key not in loaded:
-                    fetched = await self.downloader.fetch(use.source, token, item.deadline, item.request_id)
-                    remote_hit = fetched.cached and is_remote(use.source)
-                    self.observer.lora_fetched(int(remote_hit), fetched.bytes_downloaded)
+                got = await self.downloader.hold(use.source, token, item.deadline, item.request_id)
+                self.held.add(use.key, got.lora)
+                taken.append(use.key)
+                self.observer.lora_fetched(int(got.remote and not got.bytes_downloaded), got.bytes_downloaded)
         except ApiError as exc:
+            for key in taken:
+                self.held.drop(key)
             return exc
         return None
 
-    def _keep_token(self, key: str, token: str) -> None:
-        self._tokens[key] = token
-        self._tokens.move_to_end(key)
-        while len(self._tokens) > MAX_TOKENS:
-            self._tokens.popitem(last=False)
+    def release(self, item: WorkItem) -> None:
+        """The item is done (or gone): let go of the files its prefetch held."""
+        for use in _unique(item.key.loras):
+            self.held.drop(use.key)
 
     async def admit(self, item: WorkItem) -> None:
         """Wait at the gate while a batch runs (serve_app/replica/gate.py says why)."""
@@ -300,7 +327,7 @@ class GeneratorReplica:
 
     async def load_lora_set(self, loras: tuple[LoraUse, ...]) -> LoraSet:
         """Load a set's missing files as adapters (on the engine thread: it changes the pipeline)."""
-        return await self._on(self._engine_thread, self.adapters.acquire, loras, dict(self._tokens))
+        return await self._on(self._engine_thread, self.adapters.acquire, loras)
 
     async def _generate_or_split(self, items: list[WorkItem]) -> list[_Generated | ApiError]:
         try:
@@ -419,3 +446,8 @@ class GeneratorReplica:
         if self.marks.is_cancelled(item):
             return ApiError(errors.CANCELED, "the request was cancelled")
         return ApiError(errors.TIMEOUT, "the request timed out")
+
+
+def _unique(loras: Sequence[LoraUse]) -> list[LoraUse]:
+    """One per file: a request may name the same file twice."""
+    return list({use.key: use for use in loras}.values())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from typing import cast
 
 from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import BackPressureError
@@ -50,7 +51,8 @@ class GeneratorClient:
         return handle
 
     def submit(self, item: WorkItem, tokens: dict[str, str] | None = None) -> DeploymentResponse:
-        return self._handle_for(item.key.lora_set_id).generate.remote(item, tokens)
+        # Ray types .remote() for streaming handles too (a DeploymentResponseGenerator); these never stream.
+        return cast(DeploymentResponse, self._handle_for(item.key.lora_set_id).generate.remote(item, tokens))
 
     async def run_one(self, item: WorkItem, tokens: dict[str, str] | None = None) -> ItemResult | ApiError:
         """Generate one item; every failure comes back as a value, never raised.

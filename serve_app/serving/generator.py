@@ -117,15 +117,7 @@ class FluxGenerator:
             item: the work item.
             tokens: the request's own hf_token per LoRA key, when it sent one (kept in memory only).
         """
-        error = await self.replica.prefetch(item, tokens)
-        if error is not None:
-            return error
-        await self.replica.admit(item)
-        try:
-            return await self._batch(item)
-        except asyncio.CancelledError:
-            self.replica.cancel(item)  # the caller gave up (job cancel or timeout)
-            raise
+        return await self.replica.generate(item, tokens, self._batch)
 
     async def _send_progress(self, updates: list[ItemProgress]) -> None:
         if self._jobs is None:

@@ -30,8 +30,7 @@ from serve_app.errors import ApiError, validation_error
 from serve_app.intake.request_rules import build_work_items, preview_request, request_tokens
 from serve_app.jobs.events import JobUpdate, status_events
 from serve_app.jobs.webhooks import WebhookPolicy
-from serve_app.loras.downloader import Downloader
-from serve_app.loras.sources import LoraSources, is_remote
+from serve_app.loras.sources import LoraSources
 from serve_app.schemas import (
     DEFAULT_SIZE,
     RESOLUTION_DIVISOR,
@@ -68,8 +67,7 @@ class FluxIngress:
         self.generators = Generators(generators, args.limits.retry_after_s)
         self.jobs = jobs
         self.links = Links(args.base_url)
-        self.sources = LoraSources(args.loras)
-        self.downloader = Downloader(self.sources)
+        self.sources = LoraSources(args.loras)  # the policy only: the generator replica downloads
         self.webhooks = WebhookPolicy(args.webhooks)
         self.api_key = load_api_key(args.auth)
         self.sync_in_flight = InFlight(args.limits.max_sync_items_per_ingress, args.limits.retry_after_s)
@@ -99,8 +97,8 @@ class FluxIngress:
     async def preview(self, body: PreviewRequest, timeout_s: float) -> SubmitResponse:
         """Reproduce a training run's sample grid on a preview model: one async job, one image per sample."""
         model = self.args.model(body.model)
-        if model is not None and model.kind != "preview":
-            previews = [m.id for m in self.args.models if m.kind == "preview"]
+        if model is not None and not model.is_preview:
+            previews = [m.id for m in self.args.models if m.is_preview]
             raise validation_error(["body", "model"], f"{body.model!r} is not a preview model; these are: {previews}")
         return await self.submit(preview_request(body), timeout_s)
 
@@ -136,16 +134,16 @@ class FluxIngress:
         tokens = request_tokens(body, items)
         with self.sync_in_flight.hold(len(items)):
             started = time.perf_counter()
-            try:  # one timeout for the downloads and the generation
-                outcomes = await asyncio.wait_for(self._fetch_and_run(items, tokens), timeout=timeout_s)
-            except asyncio.TimeoutError:
+            try:  # one timeout for the downloads (in the replica's prefetch) and the generation
+                outcomes = await asyncio.wait_for(self.generators.run(items, tokens), timeout=timeout_s)
+            except TimeoutError:
                 raise ApiError(errors.TIMEOUT, f"the request did not finish within {timeout_s:g} s") from None
         for outcome in outcomes:
             if isinstance(outcome, ApiError):
                 raise outcome
         metadata = with_matched_modules(self._metadata(body, items), outcomes[0])
         metadata.inference_time = round(time.perf_counter() - started, 3)
-        preview = self.args.model(body.model).kind == "preview"
+        preview = self.args.model(body.model).is_preview
         return GenerateResponse(
             request_id=request_id, images=[inline_image(result, preview) for result in outcomes], metadata=metadata
         )
@@ -198,7 +196,7 @@ class FluxIngress:
         (each delivery checks again)."""
         try:
             await asyncio.wait_for(asyncio.to_thread(self.webhooks.check, url), timeout=HEALTH_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
 
     def _work_items(self, body: InferenceRequest, request_id: str, timeout_s: float) -> list[WorkItem]:
@@ -211,14 +209,6 @@ class FluxIngress:
                  for lora, use in zip(body.loras, items[0].key.loras)]
         model = self.args.model(body.model)
         return ResultMetadata(model=model.id, base_model=model.base_model, loras=loras)
-
-    async def _fetch_and_run(self, items: list[WorkItem], tokens: dict[str, str]) -> list:
-        """Download URL and hf:// LoRAs before queueing, so a bad source is a 400 of this call; then generate."""
-        first = items[0]
-        for use in first.key.loras:
-            if is_remote(use.source):
-                await self.downloader.fetch(use.source, tokens.get(use.key), first.deadline, first.request_id)
-        return await self.generators.run(items, tokens)
 
 
 async def _answers(ping) -> bool:

@@ -6,19 +6,26 @@ already exports `ray_serve_registered_multiplexed_model_id` per loaded set.
 
 from __future__ import annotations
 
+from typing import cast
+
 from ray.serve import metrics
 
 from serve_app.engine.protocol import CompileStats
 from serve_app.replica.core import ReplicaObserver
 from serve_app.workitems import BatchKey
 
-_BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16]
-_SECONDS_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
+_BATCH_BOUNDARIES: list[float] = [1, 2, 3, 4, 6, 8, 12, 16]
+_SECONDS_BOUNDARIES: list[float] = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
+
+
+def _tags(*keys: str) -> tuple[str]:
+    """Tag keys as Ray 2.60 annotates `tag_keys`: Tuple[str] (one key), though it takes any number."""
+    return cast("tuple[str]", keys)
 
 
 class GeneratorMetrics(ReplicaObserver):
     def __init__(self, model: str) -> None:
-        shape = ("model", "shape")
+        shape = _tags("model", "shape")
         self.batch_size = metrics.Histogram(
             "flux_batch_size", "Images per pipeline call", boundaries=_BATCH_BOUNDARIES, tag_keys=shape
         )
@@ -29,7 +36,9 @@ class GeneratorMetrics(ReplicaObserver):
             boundaries=_SECONDS_BOUNDARIES,
             tag_keys=shape,
         )
-        self.failed_items = metrics.Counter("flux_items_failed", "Work items that failed", tag_keys=("model", "code"))
+        self.failed_items = metrics.Counter(
+            "flux_items_failed", "Work items that failed", tag_keys=_tags("model", "code")
+        )
         self.lora_hits = metrics.Counter("flux_lora_cache_hits", "LoRA set found in the replica's cache", ("model",))
         self.lora_misses = metrics.Counter(
             "flux_lora_cache_misses", "LoRA set not in the replica's cache", tag_keys=("model",)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 from typing import Protocol
 
-from serve_app.schemas import EffectiveSettings, ImageOutput, InlineImage, ResultMetadata
+from serve_app.schemas import EffectiveSettings, InlineImage, ResultMetadata
+from serve_app.states import LoraMode
 from serve_app.workitems import ItemResult
 
 
@@ -13,7 +14,6 @@ class ImageRecord(Protocol):
     """What a stored result image (serving/records.StoredImage) holds of an ItemResult."""
 
     index: int
-    format: str
     width: int
     height: int
     seed: int
@@ -21,9 +21,12 @@ class ImageRecord(Protocol):
     steps: int
     guidance: float
     multiplier: float | None
-    lora_mode: str
+    lora_mode: LoraMode
     speed_tier: str
     lora_modules: list[tuple[str, int]]
+
+    @property
+    def format(self) -> str: ...  # read-only, so a narrower type (StoredImage's OutputFormat) fits
 
 
 class Links:
@@ -52,10 +55,6 @@ def image_fields(result: ItemResult | ImageRecord, preview: bool) -> dict:
             guidance=result.guidance, seed=result.seed, multiplier=result.multiplier)
         fields["lora_mode"] = result.lora_mode
     return fields
-
-
-def image_output(result: ItemResult, links: Links, preview: bool = False) -> ImageOutput:
-    return ImageOutput(**image_fields(result, preview), url=links.image(result.request_id, result.index))
 
 
 def inline_image(result: ItemResult, preview: bool = False) -> InlineImage:

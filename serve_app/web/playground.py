@@ -1,4 +1,4 @@
-"""The playground (SPEC section 10): `GET /` and the page's own script and style sheet.
+"""The playground (docs/api.md): `GET /` and the page's own script and style sheet.
 
 Exactly three files, named here and read once from the package (`static/`, package data), so there
 is no directory to list and no path to walk out of. They need no API key (the page asks for one
@@ -21,7 +21,7 @@ PAGE = "index.html"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 
 SECURITY_HEADERS = {
-    # SPEC section 10's policy, plus the clickjacking and <base> guards that default-src does not cover.
+    # docs/api.md's policy, plus the clickjacking and <base> guards that default-src does not cover.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; frame-ancestors 'none'; "
     "base-uri 'none'",
     "X-Content-Type-Options": "nosniff",

@@ -1,10 +1,11 @@
-"""The HTTP routes (SPEC section 3): thin, typed, and independent of the ingress class.
+"""The HTTP routes (docs/api.md): thin, typed, and independent of the ingress class.
 
 Each route takes the request's service from `request.app.state` (as vLLM's routers do) and returns
 the response model it declares. `build_api` assembles one FastAPI app per ingress replica (Serve
 asks each replica for its app), with the middleware its args call for. Every error leaves in one
 envelope: {"error": {"code", "message", "details"}} (`errors.ApiError.to_body`). The playground's
-routes (`serving/playground.py`: `/` and its files) need no key, as /health.
+routes (`serving/playground.py`: `/` and its files) need no key, as /health; nor do /openapi.json and its
+page, /docs (`web/apidocs.py`: Swagger UI from the package, so it works offline).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from serve_app.schemas import (
     StatusResponse,
     SubmitResponse,
 )
-from serve_app.web import playground
+from serve_app.web import apidocs, playground
 from serve_app.web.guards import check_api_key, request_timeout
 from serve_app.web.middleware import BodySizeLimit, ReplicaHeader, api_error_response, validation_error_response
 
@@ -167,6 +168,8 @@ def build_api(ingress: IngressService, args: AppArgs, api_key: str | None, repli
     """The ASGI app of one ingress replica."""
     api = FastAPI(
         title="flux-serve",
+        docs_url=None,  # apidocs.router serves /docs without a CDN
+        redoc_url=None,  # ReDoc comes from a CDN: not served
         version=__version__,
         description="FLUX.1-dev with ai-toolkit LoRAs on Ray Serve, with the request schema of the "
         "ai-toolkit reference inference server.",
@@ -178,6 +181,7 @@ def build_api(ingress: IngressService, args: AppArgs, api_key: str | None, repli
     api.include_router(router)
     api.include_router(open_router)
     api.include_router(playground.router)  # the page and its files: no key, like /health
+    api.include_router(apidocs.router)  # /docs and its files: no key, like /openapi.json
     _add_error_handlers(api)
     api.add_middleware(BodySizeLimit, max_bytes=args.limits.max_body_bytes)
     api.add_middleware(ReplicaHeader, replica=replica)

@@ -1,4 +1,4 @@
-"""The playground (SPEC section 10) in a real headless Chromium, against a real local Ray Serve.
+"""The playground (docs/api.md) in a real headless Chromium, against a real local Ray Serve.
 
 The browser is Debian's `chromium` driven through `chromium-driver` by selenium, with no download
 and no traffic but to 127.0.0.1. Without them these tests skip and say so (`.ci/run` installs

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from serve_app.engine.compiled.fast import CompiledFluxEngine
 from serve_app.engine.compiled.fp8 import FP8_MIN_CAPABILITY, SpeedTierUnavailable
 from serve_app.engine.compiled.speed import SpeedArgs, WarmupShape
+from serve_app.engine.loader import dtype_for
 from serve_app.engine.protocol import AdapterWeight
-from serve_app.engine.reference import FluxEngine, dtype_for
+from serve_app.engine.reference import FluxEngine
 from serve_app.loras.files import LoraFile
 from serve_app.workitems import BatchKey, WorkItem
 

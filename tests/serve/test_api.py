@@ -1,4 +1,4 @@
-"""The HTTP API end to end on a real local Ray Serve (SPEC section 3)."""
+"""The HTTP API end to end on a real local Ray Serve (docs/api.md)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import itertools
 import json
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -254,7 +254,7 @@ def jobs_actor() -> str:
 
 
 def finished_at(status: dict) -> float:
-    return datetime.strptime(status["finished_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(status["finished_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 def wait_running(url: str, request_id: str, timeout_s: float = 60) -> None:

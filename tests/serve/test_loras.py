@@ -1,4 +1,4 @@
-"""LoRAs end to end on a real local Ray Serve: real files, real HTTP (SPEC sections 2-4).
+"""LoRAs end to end on a real local Ray Serve: real files, real HTTP (docs/models.md, docs/loras.md).
 
 Three deployments, each made once and shared by its tests (the file runs top to bottom):
 - `url`: one generator replica, a cache of 4 adapters, short download timeouts, a 100 kB file cap;

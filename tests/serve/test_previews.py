@@ -1,6 +1,6 @@
-"""Preview models over real HTTP (SPEC section 6): ai-toolkit's own previews, reproduced by the server.
+"""Preview models over real HTTP (docs/models.md): ai-toolkit's own previews, reproduced by the server.
 
-The goldens (../shared/golden/preview) are outputs of ai-toolkit itself; they are compared as decoded
+The goldens (tests/golden/preview) are outputs of ai-toolkit itself; they are compared as decoded
 PNG pixels, within the residual measured on this machine's CPU kernels (tests/unit/engine/preview/test_model.py
 says why and holds the bounds; 0 where the kernels match the machine that drew them).
 """
@@ -21,6 +21,7 @@ from tests.unit.preview_goldens import (
     GOLDEN_DIR,
     GOLDENS,
     assert_within_residual,
+    golden_id,
     load_golden,
     lora_mode_ran,
     needs_goldens,
@@ -55,7 +56,7 @@ def generate(url: str, body: dict) -> dict:
 
 
 @needs_goldens
-@pytest.mark.parametrize("name", GOLDENS)
+@pytest.mark.parametrize("name", GOLDENS, ids=golden_id)
 def test_the_server_draws_ai_toolkits_preview(url, name):
     golden = load_golden(name)
     image = generate(url, golden["request"])["images"][0]

@@ -1,4 +1,4 @@
-"""CompiledFluxEngine: the `compiled` and `fp8` speed tiers (SPEC section 7).
+"""CompiledFluxEngine: the `compiled` and `fp8` speed tiers (docs/performance.md).
 
 The same pipeline calls as FluxEngine, with three changes to the transformer, made in this order:
 1. fp8 tier only: torchao fp8 row-wise weights on the base Linears of the blocks (`fp8.py`);
@@ -38,10 +38,12 @@ from serve_app.engine.compiled.fp8 import check_fp8_device, quantize_base_linear
 from serve_app.engine.compiled.overflow import PeftOverflow
 from serve_app.engine.compiled.slot import LoraSlot, SlotUnfit, SlotWeightCache, convert_lora, slot_targets
 from serve_app.engine.compiled.speed import SpeedArgs, WarmupShape
+from serve_app.engine.loader import dtype_for, load_pipeline, pick_device
 from serve_app.engine.protocol import AdapterWeight, CallMode, CompileStats, StepCallback, StopCheck
-from serve_app.engine.reference import FluxEngine, dtype_for, load_flux_pipeline, pick_device
+from serve_app.engine.reference import FluxEngine
 from serve_app.errors import ApiError
 from serve_app.loras.files import LoraFile
+from serve_app.states import LoraMode
 from serve_app.workitems import BatchKey, WorkItem
 
 logger = logging.getLogger(__name__)
@@ -58,28 +60,19 @@ class WarmupReport:
     compiles: int
 
 
-def check_speed_tier(speed: str, device: str) -> None:
-    """Raise SpeedTierUnavailable before loading anything if `speed` cannot run on `device`."""
+def check_speed_tier(speed: str, device: str, dtype: torch.dtype) -> None:
+    """Refuse before loading anything a `speed` that cannot run on `device` in `dtype`.
+
+    Raises:
+        SpeedTierUnavailable: fp8 on a device without fp8 matmuls.
+        ValueError: the exact tier (that is FluxEngine), or fp8 in another dtype than bf16.
+    """
     if speed == "exact":
         raise ValueError("the exact tier is FluxEngine; CompiledFluxEngine runs 'compiled' and 'fp8'")
     if speed == "fp8":
         check_fp8_device(device)
-
-
-def load_pipeline_on_device(source: str, device: str, revision: str | None = None) -> FluxPipeline:
-    """Load the pipeline with its weights read straight onto the GPU (device_map), never staged in host RAM."""
-    if device != "cuda":  # diffusers' pipeline device_map takes "cuda", not "cuda:N"
-        return load_flux_pipeline(source, device, revision)
-    if source == TINY_SOURCE:
-        from serve_app.tiny import ensure_tiny_dir
-
-        source = str(ensure_tiny_dir())
-    kwargs = {"dtype": dtype_for(device), "device_map": "cuda"}
-    if revision and not Path(source).is_dir():
-        kwargs["revision"] = revision
-    pipe = FluxPipeline.from_pretrained(source, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        if dtype != torch.bfloat16:
+            raise ValueError(f"speed tier 'fp8' runs in bfloat16 (torchao's row-wise fp8); dtype is {dtype}")
 
 
 def install_slot(
@@ -117,16 +110,18 @@ class CompiledFluxEngine(FluxEngine):
     """FluxEngine with a compiled transformer, the LoRA slot and optionally fp8 weights.
 
     Args:
-        pipe: a loaded FluxPipeline on `device` (see `load`).
+        pipe: a loaded FluxPipeline on `device` (see `load`); the engine runs in its transformer's dtype.
         device: "cuda", "cuda:N" or "cpu" (CPU runs `compiled` for tests; fp8 is refused there).
         speed: the tier and its settings; `speed.speed` is "compiled" or "fp8".
 
     Raises:
         SpeedTierUnavailable: fp8 on a CPU or a GPU below compute capability 8.9, or without torchao.
+        ValueError: fp8 on a pipeline in another dtype than bf16.
     """
 
     def __init__(self, pipe: FluxPipeline, device: str, speed: SpeedArgs):
-        check_speed_tier(speed.speed, device)
+        self.dtype = pipe.transformer.dtype  # the slot and the converted LoRAs use it too
+        check_speed_tier(speed.speed, device, self.dtype)
         super().__init__(pipe, device)
         self.speed = speed
         self.speed_tier = speed.speed
@@ -134,14 +129,14 @@ class CompiledFluxEngine(FluxEngine):
             torch.set_num_threads(speed.torch_threads)
         transformer = pipe.transformer
         self.attention_backend = select_attention_backend(transformer, speed.attention_backend)
-        self.attention_kernel = probe_attention_kernel(transformer, device, dtype_for(device))
+        self.attention_kernel = probe_attention_kernel(transformer, device, self.dtype)
         log_attention(self.attention_backend, self.attention_kernel)
         self.slot_targets = slot_targets(transformer)
         if speed.speed == "fp8":
             count = quantize_base_linears(transformer, set(self.slot_targets))
             logger.info("fp8: %d base Linears quantized (float8 row-wise)", count)
-        self.slot = install_slot(transformer, self.slot_targets, speed.lora_slot_rank, dtype_for(device))
-        self.slot_weights = SlotWeightCache(device, dtype_for(device), speed.adapter_device_bytes)
+        self.slot = install_slot(transformer, self.slot_targets, speed.lora_slot_rank, self.dtype)
+        self.slot_weights = SlotWeightCache(device, self.dtype, speed.adapter_device_bytes)
         self.overflow = PeftOverflow(pipe, lambda: activate_slot_layers(transformer))
         self._slot_content: tuple[tuple[str, float], ...] | None = ()  # what the slot holds; None: unknown
         self.compile_counter = compilation.CompileCounter()
@@ -158,12 +153,17 @@ class CompiledFluxEngine(FluxEngine):
         device: str = "auto",
         revision: str | None = None,
         speed: SpeedArgs | None = None,
+        dtype: str = "auto",
     ) -> CompiledFluxEngine:
-        """Load `source` for the tier in `speed` (default: compiled); fp8 is refused before any weight loads."""
+        """Load `source` in `dtype` (a ModelArgs.dtype) for the tier in `speed` (default: compiled).
+
+        The weights are read straight onto a GPU; fp8 is refused before any weight loads.
+        """
         device = pick_device(device)
         speed = speed or SpeedArgs(speed="compiled")
-        check_speed_tier(speed.speed, device)
-        return cls(load_pipeline_on_device(source, device, revision), device, speed)
+        torch_dtype = dtype_for(device, dtype)
+        check_speed_tier(speed.speed, device, torch_dtype)
+        return cls(load_pipeline(source, device, revision, torch_dtype, device_map=True), device, speed)
 
     # ---- adapters --------------------------------------------------------------------------
 
@@ -208,7 +208,11 @@ class CompiledFluxEngine(FluxEngine):
     def adapter_names(self) -> set[str]:
         """The LoRA files held (slot weights, overflow files), and any adapter a PEFT layer still holds
         weights for besides the slot (after an overflow call: none, or it would leak)."""
-        return set(self.slot_weights.names()) | set(self.overflow.files) | self.peft_layer_adapters()
+        return self._held_files() | self.peft_layer_adapters()
+
+    def _held_files(self) -> set[str]:
+        """The LoRA files this engine holds; unlike `adapter_names`, no walk over the model's modules."""
+        return set(self.slot_weights.names()) | set(self.overflow.files)
 
     def peft_layer_adapters(self) -> set[str]:
         """PEFT adapters other than the slot that any layer holds now: none between overflow calls."""
@@ -232,21 +236,22 @@ class CompiledFluxEngine(FluxEngine):
 
     def activate(self, adapters: Sequence[AdapterWeight]) -> None:
         """Write `adapters` into the slot (empty: the base model), or load them as PEFT adapters on overflow."""
-        if self._lora_mode(adapters) == "slot":
+        if self._lora_mode(adapters) == LoraMode.SLOT:
             self.overflow.unload()
             self._write_slot(adapters)
         else:
             self.overflow.activate(adapters, lambda name: self.slot_weights.get(name).peft_state_dict())
 
-    def _lora_mode(self, adapters: Sequence[AdapterWeight]) -> str:
-        missing = [a.name for a in adapters if a.name not in self.adapter_names()]
+    def _lora_mode(self, adapters: Sequence[AdapterWeight]) -> LoraMode:
+        held = self._held_files()  # runs before every call: must not walk the model (adapter_names does)
+        missing = [a.name for a in adapters if a.name not in held]
         if missing:
             raise KeyError(f"adapters not loaded: {missing}")
         reasons = [self.overflow.files[a.name].reason for a in adapters if a.name in self.overflow.files]
         if not reasons:
             try:
                 self.slot.check([self.slot_weights.get(a.name) for a in adapters])
-                return "slot"
+                return LoraMode.SLOT
             except SlotUnfit as unfit:
                 reasons = [str(unfit)]
         if self.speed.lora_overflow == "reject":
@@ -255,7 +260,7 @@ class CompiledFluxEngine(FluxEngine):
                 f"the {self.speed_tier} tier cannot run this LoRA set in its LoRA slot: {reasons[0]}",
                 {"reason": reasons[0], "lora_overflow": "reject", "lora_slot_rank": self.slot.rank},
             )
-        return "peft"
+        return LoraMode.PEFT
 
     def _write_slot(self, adapters: Sequence[AdapterWeight]) -> None:
         content = tuple((a.name, float(a.weight)) for a in adapters)
@@ -273,7 +278,7 @@ class CompiledFluxEngine(FluxEngine):
         on_step: StepCallback | None = None,
     ) -> list[Image.Image]:
         """As FluxEngine.generate; a `peft`-mode call (see describe_call) runs with compiled code bypassed."""
-        if self._lora_mode(adapters) == "slot":
+        if self._lora_mode(adapters) == LoraMode.SLOT:
             return super().generate(items, adapters, should_stop, on_step)
         with torch.compiler.set_stance("force_eager"):
             return super().generate(items, adapters, should_stop, on_step)
@@ -325,12 +330,13 @@ def load_engine(
     speed: SpeedArgs | None = None,
     dtype: str = "auto",
 ) -> FluxEngine:
-    """The engine of a model's speed tier: FluxEngine for `exact`, CompiledFluxEngine otherwise.
+    """The engine of a model's speed tier in its `dtype`: FluxEngine for `exact`, CompiledFluxEngine otherwise.
 
     Raises:
         SpeedTierUnavailable: the tier cannot run on this device (checked before loading weights).
+        ValueError: fp8 in another dtype than bf16 (the configuration refuses that first).
     """
     speed = speed or SpeedArgs()
     if speed.speed == "exact":
         return FluxEngine.load(source, device, revision, dtype)
-    return CompiledFluxEngine.load(source, device, revision, speed)
+    return CompiledFluxEngine.load(source, device, revision, speed, dtype)

@@ -1,4 +1,4 @@
-"""SpeedArgs: how one reference model runs on its replicas (SPEC section 7).
+"""SpeedArgs: how one reference model runs on its replicas (docs/performance.md).
 
 `exact` (the default) is the reference's eager PEFT path. `compiled` compiles the transformer's
 repeated blocks and runs LoRAs through one compile-stable slot; `fp8` adds torchao fp8 row-wise
@@ -9,23 +9,30 @@ Only pydantic here: the GPU benchmark imports it on a machine without the rest o
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
-from pydantic import Field, PositiveInt
+from pydantic import PositiveInt
 
 from serve_app.config import FastPathArgs, ModelArgs, SpeedTier, WarmupShape
 
-LoraMode = Literal["peft", "slot"]
-__all__ = ["LoraMode", "SpeedArgs", "SpeedTier", "WarmupShape"]
+__all__ = ["SpeedArgs", "SpeedTier", "WarmupShape"]
+
+FROM_MODEL = ("speed", "torch_threads")  # the fields SpeedArgs takes from ModelArgs, declared there only
+
+
+def _model_field(name: str) -> Any:
+    """ModelArgs' own declaration of field `name`: its default, constraints and description."""
+    return ModelArgs.model_fields[name]
 
 
 class SpeedArgs(FastPathArgs):
-    """A model's speed tier with the fast path's settings: what a tiered engine is built from."""
+    """A model's speed tier and torch threads (ModelArgs') with the fast path's settings (its `fast_path`):
+    what a tiered engine is built from."""
 
-    speed: SpeedTier = Field("exact", description="exact (eager, PEFT), compiled, or fp8 (compiled + fp8 Linears)")
-    torch_threads: PositiveInt | None = Field(None, description="torch intra-op threads (4 for a GPU replica)")
+    speed: SpeedTier = _model_field("speed")
+    torch_threads: PositiveInt | None = _model_field("torch_threads")
 
     @classmethod
     def of(cls, model: ModelArgs) -> SpeedArgs:
-        return cls(speed=model.speed, torch_threads=model.torch_threads, **model.fast_path.model_dump())
+        return cls(**model.model_dump(include=set(FROM_MODEL)), **model.fast_path.model_dump())
 

@@ -23,7 +23,8 @@ from optimum.quanto import QModuleMixin
 
 from serve_app import errors
 from serve_app.errors import ApiError
-from serve_app.intake.preview_flags import LoraMode, choose_lora_mode
+from serve_app.intake.preview_flags import choose_lora_mode
+from serve_app.states import LoraMode
 
 __all__ = ["LoraMode", "LoraPair", "PreviewLora", "applied_lora", "choose_lora_mode", "map_lora"]
 LORA_SCOPE = ("transformer_blocks.", "single_transformer_blocks.")  # ai-toolkit's transformer_only targets
@@ -138,7 +139,7 @@ def applied_lora(
         yield
         return
     linears = dict(transformer.named_modules())
-    if mode == "merged":
+    if mode == LoraMode.MERGED:
         with _merged(linears, lora, multiplier):
             yield
     elif multiplier == 0:

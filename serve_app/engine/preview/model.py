@@ -15,12 +15,13 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from serve_app.config import TINY_SOURCE, ModelArgs
+from serve_app.config import ModelArgs
+from serve_app.engine.loader import pick_device
 from serve_app.engine.preview.lora import PreviewLora
 from serve_app.engine.preview.sampling import PreviewEngine
 from serve_app.engine.protocol import AdapterWeight, CallMode, CompileStats, StepCallback, StopCheck
-from serve_app.engine.reference import pick_device
 from serve_app.loras.files import LoraFile
+from serve_app.states import LoraMode
 from serve_app.workitems import WorkItem
 
 
@@ -37,12 +38,8 @@ class PreviewModel:
 
     @classmethod
     def from_args(cls, model: ModelArgs) -> PreviewModel:
-        source = model.source
-        if source == TINY_SOURCE:
-            from serve_app.tiny import ensure_tiny_dir
-
-            source = str(ensure_tiny_dir())
-        return cls(PreviewEngine.load(source, pick_device(model.device), quantized=model.quantize))
+        """The engine of a configured `preview` model (bf16 on every device: ModelArgs refuses another dtype)."""
+        return cls(PreviewEngine.load(model.source, pick_device(model.device), quantized=model.quantize))
 
     # ---- adapters --------------------------------------------------------------------------
 
@@ -64,7 +61,7 @@ class PreviewModel:
     def describe_call(self, adapters: Sequence[AdapterWeight]) -> CallMode:
         """`none` without a LoRA; with one, the request's `merged` or `hook` (its BatchKey's `lora_mode`,
         which the replica reports in place of this)."""
-        return CallMode(self.speed_tier, "hook" if adapters else "none")
+        return CallMode(self.speed_tier, LoraMode.HOOK if adapters else LoraMode.NONE)
 
     def warmup(self) -> None:
         """Nothing to prepare."""
@@ -96,6 +93,6 @@ class PreviewModel:
             images.append(self.engine.generate(
                 item.prompt, width=key.width, height=key.height, steps=key.steps, guidance=key.guidance,
                 seed=item.seed, lora=lora, multiplier=adapter.weight if adapter else 1.0,
-                lora_mode=key.lora_mode or "hook", should_stop=should_stop, on_step=on_step,
+                lora_mode=key.lora_mode or LoraMode.HOOK, should_stop=should_stop, on_step=on_step,
             ))
         return images

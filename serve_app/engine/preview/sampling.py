@@ -1,6 +1,6 @@
 """PreviewEngine: draws a LoRA's training preview the way ostris/ai-toolkit's `generate_images` does.
 
-What differs from the reference engine (pipeline.py), all read in ai-toolkit (notes/preview.md):
+What differs from the reference engine (engine/reference.py), all read in ai-toolkit (docs/models.md):
 - bf16 on every device, CPU included; with `quantize`, every Linear of the transformer and of T5
   is optimum-quanto qfloat8 (`quantize` then `freeze`), as `load_model` does with `quantize: true`;
 - the scheduler is ai-toolkit's own FLUX FlowMatchEuler config, not the checkpoint's;
@@ -9,7 +9,7 @@ What differs from the reference engine (pipeline.py), all read in ai-toolkit (no
   no true CFG, `guidance_scale` is FLUX's distilled guidance;
 - the noise comes from a CPU generator seeded with the seed, drawn in bf16 on the CPU;
 - the VAE weights go bf16 -> fp16 -> bf16 before decoding in bf16;
-- the LoRA is an fp32 branch or is merged in fp32 (preview_lora.py).
+- the LoRA is an fp32 branch or is merged in fp32 (preview/lora.py).
 One image per call, as ai-toolkit draws previews one by one (on CPU a batch of two gave the same
 bytes as each alone, but nothing in ai-toolkit's path promises that on other kernels).
 Torch's thread count is left alone: the goldens were drawn on 1 thread, and 1 and 2 threads give
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from optimum.quanto import freeze, qfloat8, quantize
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from serve_app.engine.loader import load_pipeline
 from serve_app.engine.preview.lora import LoraMode, PreviewLora, applied_lora, map_lora
 from serve_app.engine.protocol import GenerationInterrupted
 
@@ -53,11 +53,14 @@ class PromptEmbeddings:
     pooled: torch.Tensor
 
 
-def load_preview_pipeline(model_dir: str | Path, device: str, quantized: bool) -> FluxPipeline:
-    """Load a diffusers FLUX directory the way ai-toolkit's `load_model` does for `arch: flux`.
+def load_preview_pipeline(source: str | Path, device: str, quantized: bool) -> FluxPipeline:
+    """Load a FLUX model the way ai-toolkit's `load_model` does for `arch: flux`.
+
+    The weights come through the engines' one loader (engine/loader.py), in bf16 on the CPU; then each
+    model goes to `device` in ai-toolkit's order, quantized after its move as ai-toolkit does.
 
     Args:
-        model_dir: a diffusers FLUX directory (the built-in small model's, or FLUX.1-dev's).
+        source: `tiny`, a diffusers FLUX directory (the small model's, or FLUX.1-dev's) or a repo id.
         device: `cpu` or `cuda[:n]`; the dtype is bf16 on both.
         quantized: quantize the transformer's and T5's Linears to qfloat8 (ai-toolkit's
             `quantize: true`, the trainer UI's default).
@@ -65,32 +68,23 @@ def load_preview_pipeline(model_dir: str | Path, device: str, quantized: bool) -
     Returns:
         A FluxPipeline with ai-toolkit's scheduler, ready for `generate`.
     """
-    model_dir = str(model_dir)
-    transformer = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=DTYPE)
-    transformer.to(device, dtype=DTYPE)
+    pipe = load_pipeline(str(source), "cpu", dtype=DTYPE)
+    transformer, text_encoder, text_encoder_2, vae = pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae
+    transformer.to(device)  # loaded in bf16 already: only the move
     if quantized:
         _quantize(transformer)  # after loading in bf16 and moving to the device, as ai-toolkit does
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=DTYPE)
-    text_encoder_2 = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2", torch_dtype=DTYPE)
     text_encoder_2.to(device, dtype=DTYPE)  # also casts the `wo` layers transformers may keep in fp32
     if quantized:
         _quantize(text_encoder_2)
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=DTYPE).to(device)
+    text_encoder.to(device)
     # ai-toolkit moves the VAE to its vae_dtype (fp16) and back to bf16 before sampling: weights
     # that fp16 cannot hold (tiny or huge magnitudes) change on the way.
-    vae.to(device, dtype=torch.float16).to(dtype=DTYPE)
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(AITOOLKIT_FLUX_SCHEDULER),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=T5TokenizerFast.from_pretrained(model_dir, subfolder="tokenizer_2"),
-        transformer=transformer,
-    )
+    # torch's own `Module.to`: diffusers' override warns on any cast that it should have been made at
+    # load time, and this round trip is the point.
+    torch.nn.Module.to(torch.nn.Module.to(vae, device, dtype=torch.float16), dtype=DTYPE)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(AITOOLKIT_FLUX_SCHEDULER)
     for model in (text_encoder, text_encoder_2, transformer, vae):
         model.eval().requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -143,9 +137,10 @@ class PreviewEngine:
         self.quantized = quantized
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu", quantized: bool = True) -> PreviewEngine:
-        """Load a diffusers FLUX directory as ai-toolkit would for a job with `quantize: <quantized>`."""
-        return cls(load_preview_pipeline(model_dir, device, quantized), device, quantized)
+    def load(cls, source: str | Path, device: str = "cpu", quantized: bool = True) -> PreviewEngine:
+        """Load `tiny`, a diffusers FLUX directory or a repo id as ai-toolkit would for a job with
+        `quantize: <quantized>`."""
+        return cls(load_preview_pipeline(source, device, quantized), device, quantized)
 
     def load_lora(self, tensors: dict[str, torch.Tensor]) -> PreviewLora:
         """Map a LoRA file's tensors onto this model's transformer blocks.
@@ -172,7 +167,7 @@ class PreviewEngine:
         seed: int,
         lora: PreviewLora | None = None,
         multiplier: float = 1.0,
-        lora_mode: LoraMode = "hook",
+        lora_mode: LoraMode = LoraMode.HOOK,
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> Image.Image:
@@ -197,7 +192,7 @@ class PreviewEngine:
             GenerationInterrupted: `should_stop()` returned True.
             ValueError: `"merged"` asked of a quantized model.
         """
-        if lora_mode == "merged" and self.quantized:
+        if lora_mode == LoraMode.MERGED and self.quantized:
             raise ValueError("a LoRA cannot be merged into a quantized model: use lora_mode='hook'")
 
         def on_step_end(pipe, step, timestep, callback_kwargs):

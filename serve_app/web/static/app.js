@@ -1,5 +1,5 @@
 "use strict";
-// The flux-serve playground (SPEC section 10): one page over the server's public API, no framework,
+// The flux-serve playground (docs/api.md): one page over the server's public API, no framework,
 // no build step. When a key is set every call carries it in a header, so the event stream and the
 // images are read with fetch() (an EventSource or a plain <img src> cannot send one) and images are
 // shown from blob URLs. Text from the API only ever reaches the page through textContent.

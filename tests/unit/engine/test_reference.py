@@ -1,4 +1,4 @@
-"""The engine against a plain diffusers FluxPipeline called the reference's way (SPEC section 2).
+"""The engine against a plain diffusers FluxPipeline called the reference's way (docs/models.md).
 
 Parity is exact (0 levels, PNG, fp32 CPU) for one item per call; a batch of one BatchKey gives
 each item's own image within 1 level of 8 bits.
@@ -26,6 +26,7 @@ from serve_app.loras.adapters import AdapterCache
 from serve_app.loras.sources import LoraSources
 from serve_app.schemas import InferenceRequest
 from serve_app.workitems import LoraUse
+from tests.unit.loras.test_sources import read
 
 STEPS = 3
 
@@ -44,7 +45,8 @@ def reference_pipe(tiny_dir) -> FluxPipeline:
 
 @pytest.fixture(scope="module")
 def adapters(engine, lora_root) -> AdapterCache:
-    return AdapterCache(engine, LoraSources(LoraArgs(root=str(lora_root), cache_dir=str(lora_root / ".cache"))))
+    sources = LoraSources(LoraArgs(root=str(lora_root), cache_dir=str(lora_root / ".cache")))
+    return AdapterCache(engine, lambda use: read(sources, use.source))
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -57,7 +59,7 @@ def items_for(body: dict):
 
 
 def reference_image(pipe: FluxPipeline, lora_dir, lora_file, scale, prompt, width, height, seed) -> Image.Image:
-    """What the reference server does (notes/reference.md 2.3, 3): one adapter named "lora",
+    """What the reference server does (docs/models.md): one adapter named "lora",
     its scale set directly when not 1.0, one CPU generator, the call with these arguments only."""
     if lora_file is not None:
         pipe.load_lora_weights(str(lora_dir), weight_name=lora_file, adapter_name="lora", local_files_only=True)
@@ -147,7 +149,7 @@ def test_a_file_matching_no_module_is_refused(engine, tmp_path):
 
     save_file({"transformer.no_such_block.lora_A.weight": torch.zeros(4, 8),
                "transformer.no_such_block.lora_B.weight": torch.zeros(8, 4)}, str(tmp_path / "wrong.safetensors"))
-    lora = LoraSources(LoraArgs(root=str(tmp_path), cache_dir=str(tmp_path / ".c"))).read("wrong.safetensors")
+    lora = read(LoraSources(LoraArgs(root=str(tmp_path), cache_dir=str(tmp_path / ".c"))), "wrong.safetensors")
     with pytest.raises(ApiError) as info:
         engine.load_adapter("wrong", lora)
     assert info.value.code == "LORA_INCOMPATIBLE" and "wrong.safetensors" in info.value.message
@@ -174,7 +176,7 @@ def test_a_file_carrying_diffusers_own_lora_config_loads_as_it_does_from_its_pat
               metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
     item = items_for({"model": "flux", "prompts": [{"prompt": "a boat", "width": 64, "height": 64, "seed": 5,
                                                      "sample_steps": STEPS}]})[0]
-    lora = LoraSources(LoraArgs(root=str(tmp_path), cache_dir=str(tmp_path / ".c"))).read("meta.safetensors")
+    lora = read(LoraSources(LoraArgs(root=str(tmp_path), cache_dir=str(tmp_path / ".c"))), "meta.safetensors")
     images = {}
     for name, handed_over in (("meta", lora), ("no_config", replace(lora, metadata={}))):
         engine.load_adapter(name, handed_over)

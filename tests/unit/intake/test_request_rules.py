@@ -1,4 +1,4 @@
-"""Every rule of SPEC section 1, table-driven: a field, a value, and the code or normalized value."""
+"""Every rule of docs/api.md, table-driven: a field, a value, and the code or normalized value."""
 
 from __future__ import annotations
 

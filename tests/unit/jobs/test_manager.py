@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
+from botocore.exceptions import EndpointConnectionError
 
 from serve_app import errors
 from serve_app.config import AppArgs, JobArgs, WebhookArgs
@@ -36,10 +38,12 @@ class Generators:
 
     def __init__(self):
         self.calls: list[tuple[str, int]] = []
+        self.items: list[WorkItem] = []
         self.release = asyncio.Event()
 
     async def run_one(self, item: WorkItem, tokens: dict[str, str] | None = None) -> ItemResult | ApiError:
         self.calls.append(item.ref)
+        self.items.append(item)
         if "hold" in item.prompt:
             await self.release.wait()
         if "fail" in item.prompt:
@@ -176,6 +180,52 @@ def test_a_store_that_cannot_be_written_refuses_the_job_with_503():
     assert counts.jobs == 0
 
 
+class FlakyStore(MemoryStore):
+    """Its record writes raise each of `errors` in turn, then work."""
+
+    def __init__(self, *errors: Exception):
+        super().__init__()
+        self.errors = list(errors)
+        self.writes = 0
+
+    def put_record(self, record):
+        self.writes += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        super().put_record(record)
+
+
+@pytest.mark.parametrize("fault", [OSError("connection reset"), EndpointConnectionError(endpoint_url="http://s3")])
+def test_a_store_fault_is_tried_again(fault):
+    async def go():
+        store = FlakyStore(fault)
+        jobs = manager(store, Generators())
+        request_id = uuid.uuid4().hex
+        status = await jobs.submit(request_id, items(request_id, "x"), METADATA, 60)
+        jobs.close()
+        return status, store
+
+    status, store = asyncio.run(go())
+    assert status.status == "in_queue" and store.writes == 2 and len(store.load_records()) == 1
+
+
+@pytest.mark.parametrize("bug", [TypeError("an argument the store does not take"), ValueError("a bad value"),
+                                 AttributeError("no such field")])
+def test_a_bug_in_a_store_call_raises_at_once_and_is_not_passed_off_as_a_store_fault(bug):
+    async def go():
+        store = FlakyStore(bug, bug, bug)
+        jobs = manager(store, Generators())
+        request_id = uuid.uuid4().hex
+        started = time.monotonic()
+        with pytest.raises(type(bug)) as raised:
+            await jobs.submit(request_id, items(request_id, "x"), METADATA, 60)
+        return raised.value, store, jobs.counts(), time.monotonic() - started
+
+    raised, store, counts, elapsed = asyncio.run(go())
+    assert raised is bug and store.writes == 1 and elapsed < 0.3  # no retry, no backoff
+    assert counts.jobs == 0
+
+
 def test_cancelling_a_queued_job_means_its_work_never_runs():
     async def go():
         generators = Generators()
@@ -223,6 +273,62 @@ def test_progress_follows_the_running_image_and_wakes_waiters():
     assert quiet.version == woken.version
     assert done.progress.model_dump() == after.progress.model_dump() == {
         "images_done": 1, "images": 1, "step": 3, "steps": 3}
+
+
+# ---- deadline ---------------------------------------------------------------------------------------
+
+
+def test_a_job_keeps_the_requests_deadline_and_asks_for_progress_before_and_after_a_restart():
+    """The ingress sets the request's deadline on its items: the job gets no more time than that, through
+    the store and a restart, and its items ask for progress because they are a job's, on every run."""
+    store = MemoryStore()
+    deadline = time.time() + 30  # the request's; the job service would give 60 s from now
+
+    async def before():
+        generators = Generators()
+        jobs = manager(store, generators)
+        request_id = uuid.uuid4().hex
+        sent = [replace(item, deadline=deadline) for item in items(request_id, "hold")]
+        assert not sent[0].report_progress  # as the ingress sends them
+        accepted = await jobs.submit(request_id, sent, METADATA, 60)
+        while not generators.items:
+            await asyncio.sleep(0.01)
+        jobs.close()
+        return request_id, accepted, generators.items
+
+    request_id, accepted, first_run = asyncio.run(before())
+    record = store.load_records()[0]
+    assert record.deadline == deadline and accepted.created_at == iso(deadline - 60)
+
+    async def after():
+        generators = Generators()
+        generators.release.set()
+        jobs = manager(store, generators)
+        jobs.restore()
+        jobs.start()
+        status = await finished(jobs, request_id)
+        jobs.close()
+        return status, generators.items
+
+    status, second_run = asyncio.run(after())
+    assert status.status == "succeeded"
+    for item in first_run + second_run:
+        assert item.deadline == deadline and item.report_progress
+
+
+def test_a_job_past_the_requests_deadline_fails_with_timeout_naming_the_requests_time():
+    async def go():
+        jobs = manager(MemoryStore(), Generators())
+        request_id = uuid.uuid4().hex
+        sent = [replace(item, deadline=time.time() + 0.2) for item in items(request_id, "hold")]
+        await jobs.submit(request_id, sent, METADATA, 0.2)
+        status = await finished(jobs, request_id)
+        jobs.close()
+        return status
+
+    status = asyncio.run(go())
+    assert (status.status, status.error_code) == ("failed", errors.TIMEOUT)
+    assert status.error == "the request did not finish within 0.2 s"
 
 
 # ---- restart ------------------------------------------------------------------------------------------

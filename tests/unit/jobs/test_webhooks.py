@@ -60,6 +60,39 @@ def test_the_secret_comes_from_the_environment_else_the_file_and_is_generated_on
     assert load_secret(WebhookArgs()) is None  # webhooks off: no secret needed
 
 
+def test_the_generated_secret_file_is_the_secret_alone_and_signs_as_its_exact_text(tmp_path, monkeypatch):
+    """What `make serve` writes (app.py's _generate_webhook_secret calls write_secret_file) has no
+    trailing newline, so a receiver keying its HMAC with the file's raw bytes verifies the server's
+    signature; the server signs with exactly that text."""
+    path = tmp_path / "webhook_secret"
+    args = WebhookArgs(allowed_hosts=["127.0.0.1"], secret_env="FLUX_TEST_WEBHOOK_SECRET", secret_file=str(path))
+    monkeypatch.delenv("FLUX_TEST_WEBHOOK_SECRET", raising=False)
+    assert write_secret_file(str(path))
+    raw = path.read_bytes()
+    assert raw == raw.strip() and not raw.endswith(b"\n") and len(raw) == 64
+    text = raw.decode("utf-8")
+    secret = load_secret(args)
+    assert secret == text
+    body = b'{"request_id": "x", "status": "succeeded"}'
+    header = sign(secret, body, 1700000000)
+    assert verify(text, header, body, now=1700000000)
+    expected = hmac.new(raw, b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert header == f"t=1700000000,sha256={expected}"
+
+
+@pytest.mark.parametrize("written", ["s3cret\n", "  s3cret\r\n", "\ts3cret \n\n"])
+def test_a_secret_file_or_variable_is_read_with_surrounding_whitespace_stripped(tmp_path, monkeypatch, written):
+    """The one rule for a hand-written secret: `echo s3cret > file` and an editor's final newline sign as
+    `s3cret`, from the file and from the environment alike."""
+    path = tmp_path / "webhook_secret"
+    path.write_text(written)
+    args = WebhookArgs(allowed_hosts=["127.0.0.1"], secret_env="FLUX_TEST_WEBHOOK_SECRET", secret_file=str(path))
+    monkeypatch.delenv("FLUX_TEST_WEBHOOK_SECRET", raising=False)
+    assert load_secret(args) == "s3cret"
+    monkeypatch.setenv("FLUX_TEST_WEBHOOK_SECRET", written)
+    assert load_secret(args) == "s3cret"
+
+
 # ---- the URL policy ----------------------------------------------------------------------------------
 
 
@@ -88,6 +121,15 @@ def test_the_policy_allows_hosts_only_as_spelled_and_private_addresses_only_when
         with pytest.raises(ApiError) as refused:
             policy.check(url)
         assert refused.value.code == errors.WEBHOOK_FORBIDDEN and refused.value.status_code == 400
+
+
+def test_refusals_name_the_webhooks_settings_not_the_loras():
+    policy = WebhookPolicy(WebhookArgs(allowed_hosts=["127.0.0.1", "example.com"]))
+    for url, setting in (("http://127.0.0.1/hook", "webhooks.allow_private_addresses"),
+                         ("http://evil.com/hook", "webhooks.allowed_hosts")):
+        with pytest.raises(ApiError) as refused:
+            policy.check(url)
+        assert setting in refused.value.message and "loras." not in refused.value.message
 
 
 # ---- delivery ---------------------------------------------------------------------------------------

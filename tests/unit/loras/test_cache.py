@@ -20,7 +20,7 @@ import pytest
 from serve_app.errors import ApiError
 from serve_app.loras.cache import DownloadCache
 from tests.unit.lora_host import LoraHost, drip
-from tests.unit.loras.test_sources import cache_files, make, safetensors_bytes
+from tests.unit.loras.test_sources import cache_files, fetch, make, read, safetensors_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -58,14 +58,14 @@ def test_downloads_in_flight_count_against_the_cap(tmp_path, host):
     sampler = threading.Thread(target=sample)
     sampler.start()
 
-    def fetch(url):
+    def fetch_one(url):
         try:
-            return src.fetch(url)
+            return fetch(src, url)
         except ApiError as exc:
             return exc
 
     with ThreadPoolExecutor(5) as pool:
-        outcomes = list(pool.map(fetch, urls))
+        outcomes = list(pool.map(fetch_one, urls))
     stop.set()
     sampler.join()
     refused = [o for o in outcomes if isinstance(o, ApiError)]
@@ -89,7 +89,7 @@ src = LoraSources(LoraArgs(root=cache + "-root", cache_dir=cache, cache_max_byte
 end, i = time.monotonic() + seconds, 0
 while time.monotonic() < end:
     try:
-        src.fetch(f"{base}/other.safetensors?{i}")  # each one evicts everything else from the shared cache
+        src.fetch(src.resolve(f"{base}/other.safetensors?{i}"))  # each one evicts everything else from the shared cache
     except ApiError:  # no room while the other process downloads: the cap holds, try the next one
         pass
     i += 1
@@ -102,7 +102,7 @@ def test_a_file_evicted_by_another_process_is_never_a_failed_load(tmp_path, host
     host.file("/other.safetensors", body)
     url = host.file("/mine.safetensors", body)
     src = make(tmp_path, cache_max_bytes=10 * len(body))
-    src.fetch(url)
+    fetch(src, url)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     evictor = subprocess.Popen(
         [sys.executable, "-c", EVICTOR, str(tmp_path / "cache"), host.base, str(len(body)), "4"],
@@ -116,7 +116,7 @@ def test_a_file_evicted_by_another_process_is_never_a_failed_load(tmp_path, host
             time.sleep(0.01)
         end = time.monotonic() + 2
         while time.monotonic() < end:
-            lora = src.read(url)  # between the fetch and the read, the other process may have evicted it
+            lora = read(src, url)  # between the fetch and the read, the other process may have evicted it
             assert lora.size == len(body) and lora.source == url
             reads += 1
     finally:

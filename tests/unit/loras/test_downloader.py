@@ -10,7 +10,7 @@ import time
 import pytest
 
 from serve_app.errors import ApiError
-from serve_app.loras.downloader import Downloader
+from serve_app.loras.downloader import Downloader, Held
 from serve_app.loras.failure_memory import FailureMemory
 from serve_app.loras.files import LoraFile
 from tests.unit.lora_host import LoraHost, drip, flaky, slow
@@ -26,6 +26,13 @@ def host():
 
 def download_threads() -> int:
     return sum(t.name.startswith("lora-download") for t in threading.enumerate())
+
+
+async def take(downloader: Downloader, source: str, deadline: float | None = None) -> Held:
+    """Hold a source as a replica's prefetch does, then let it go."""
+    got = await downloader.hold(source, deadline=deadline)
+    got.lora.close()
+    return got
 
 
 async def outcome(coro):
@@ -44,20 +51,21 @@ def test_a_cache_hit_never_waits_behind_a_slow_download(tmp_path, host):
     downloader = Downloader(make(tmp_path), max_workers=1)  # one download at a time: the drip holds it
 
     async def scenario():
-        await downloader.fetch(cached)
-        slow_one = asyncio.create_task(downloader.fetch(dripping))
+        await take(downloader, cached)
+        slow_one = asyncio.create_task(take(downloader, dripping))
         while host.counts["/drip.safetensors"] == 0:
             await asyncio.sleep(0.01)
         start = time.monotonic()
-        hit = await downloader.fetch(cached)
-        local = await downloader.read("local.safetensors")
+        hit = await take(downloader, cached)
+        with (await downloader.hold("local.safetensors")).lora as held:
+            local = held.read()
         waited = time.monotonic() - start
         await slow_one
         return hit, local, waited
 
     hit, local, waited = asyncio.run(scenario())
     downloader.close()
-    assert hit.cached and isinstance(local, LoraFile) and waited < 0.3, waited
+    assert hit.bytes_downloaded == 0 and isinstance(local, LoraFile) and waited < 0.3, waited
 
 
 def test_the_callers_deadline_bounds_its_wait_and_the_download_goes_on(tmp_path, host):
@@ -67,15 +75,15 @@ def test_the_callers_deadline_bounds_its_wait_and_the_download_goes_on(tmp_path,
 
     async def scenario():
         start = time.monotonic()
-        err = await outcome(downloader.fetch(url, deadline=time.time() + 0.15))
+        err = await outcome(take(downloader, url, deadline=time.time() + 0.15))
         waited = time.monotonic() - start
         await asyncio.sleep(0.6)  # the download finished for whoever asks next
-        return err, waited, await downloader.fetch(url)
+        return err, waited, await take(downloader, url)
 
     err, waited, later = asyncio.run(scenario())
     downloader.close()
     assert isinstance(err, ApiError) and err.code == "LORA_DOWNLOAD_FAILED" and "timed out" in err.message
-    assert waited < 0.35 and later.cached and host.counts["/slow.safetensors"] == 1
+    assert waited < 0.35 and later.bytes_downloaded == 0 and host.counts["/slow.safetensors"] == 1
 
 
 def test_the_prompts_of_a_request_share_one_attempt_and_its_failure_is_remembered(tmp_path, host):
@@ -84,9 +92,9 @@ def test_the_prompts_of_a_request_share_one_attempt_and_its_failure_is_remembere
     downloader = Downloader(make(tmp_path), max_workers=2)
 
     async def scenario():
-        first = await asyncio.gather(*(outcome(downloader.fetch(u)) for u in [missing] * 8 + [failing] * 8))
+        first = await asyncio.gather(*(outcome(take(downloader, u)) for u in [missing] * 8 + [failing] * 8))
         threads = download_threads()
-        again = await asyncio.gather(*(outcome(downloader.fetch(u)) for u in (missing, failing)))
+        again = await asyncio.gather(*(outcome(take(downloader, u)) for u in (missing, failing)))
         return first + again, threads
 
     errors, threads = asyncio.run(scenario())
@@ -105,7 +113,7 @@ def test_downloads_run_on_at_most_max_workers_threads(tmp_path, host):
     seen = []
 
     async def scenario():
-        tasks = [asyncio.create_task(downloader.fetch(u)) for u in urls]
+        tasks = [asyncio.create_task(take(downloader, u)) for u in urls]
         while not all(t.done() for t in tasks):
             seen.append(download_threads())
             await asyncio.sleep(0.02)
@@ -113,7 +121,21 @@ def test_downloads_run_on_at_most_max_workers_threads(tmp_path, host):
 
     results = asyncio.run(scenario())
     downloader.close()
-    assert all(not r.cached for r in results) and max(seen) <= 2
+    assert all(r.bytes_downloaded == len(body) for r in results) and max(seen) <= 2
+
+
+def test_concurrent_callers_download_once(tmp_path, host):
+    body = safetensors_bytes(tmp_path)
+    url = host.route("/good-together", slow(body, 0.3))
+    downloader = Downloader(make(tmp_path))
+
+    async def scenario():
+        return await asyncio.gather(*(take(downloader, url) for _ in range(4)))
+
+    results = asyncio.run(scenario())
+    downloader.close()
+    assert host.counts["/good-together"] == 1
+    assert sorted(r.bytes_downloaded for r in results) == [0, 0, 0, len(body)]  # counted once, by its starter
 
 
 def test_failure_memory_expires_and_stays_bounded():

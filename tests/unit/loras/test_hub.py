@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -21,7 +22,7 @@ import pytest
 
 from serve_app.loras.hub import HfToken, parse_hf
 from tests.unit.lora_host import LoraHost
-from tests.unit.loras.test_sources import cache_files, make, raises, safetensors_bytes
+from tests.unit.loras.test_sources import cache_files, fetch, make, raises, read, safetensors_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 PRIVATE = {"alice/private": "tok-alice", "org/secret": "tok-server"}  # repo -> the token that may read it
@@ -147,7 +148,7 @@ REFUSED = [
 @pytest.mark.parametrize("source", REFUSED)
 def test_every_component_is_validated_after_decoding(tmp_path, hub, source):
     src = hub_sources(tmp_path, hub)
-    for call in (src.canonical, src.fetch, src.read):
+    for call in (src.canonical, partial(fetch, src), partial(read, src)):
         raises({"LORA_SOURCE_FORBIDDEN", "LORA_INVALID"}, call, source)
     assert hub.requests() == 0 and cache_files(tmp_path) == []
 
@@ -156,8 +157,10 @@ MEASURE = r"""
 import json, resource, sys
 import psutil, huggingface_hub, huggingface_hub.utils, safetensors.torch  # imported before measuring
 from serve_app.config import LoraArgs
+from functools import partial
 from serve_app.loras.sources import LoraSources
 from serve_app.errors import ApiError
+from tests.unit.loras.test_sources import fetch, read
 
 root, cache, sources = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 src = LoraSources(LoraArgs(root=root, cache_dir=cache, allow_private_addresses=True))
@@ -165,7 +168,7 @@ me = psutil.Process()
 before = (me.io_counters().read_chars, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, me.memory_info().rss)
 answers = []
 for source in sources:
-    for call in (src.canonical, src.fetch, src.read):
+    for call in (src.canonical, partial(fetch, src), partial(read, src)):
         try:
             call(source)
             answers.append(["ok", ""])
@@ -219,9 +222,9 @@ def test_download_then_cache_hit_through_the_hub_and_its_cdn(tmp_path, hub):
         ("hf://alice/lora/x.safetensors", hub.small),
         ("hf://alice/lora@refs%2Fpr%2F1/sub/large.safetensors", hub.large),
     ):
-        assert not src.fetch(source).cached
+        assert not fetch(src, source).cached
         before = hub.requests()
-        lora = src.read(source)
+        lora = read(src, source)
         assert lora.size == len(body) and hub.requests() == before  # a cache hit: no request at all
     assert hub.hub.counts["/alice/lora/resolve/refs%2Fpr%2F1/sub/large.safetensors"] == 1
     assert hub.cdn.counts["/blobs/large"] == 1
@@ -229,19 +232,19 @@ def test_download_then_cache_hit_through_the_hub_and_its_cdn(tmp_path, hub):
 
 def test_hub_refusals_in_our_words(tmp_path, hub, monkeypatch):
     src = hub_sources(tmp_path, hub)
-    err = raises("LORA_DOWNLOAD_FAILED", src.fetch, "hf://bob/none/x.safetensors")
+    err = raises("LORA_DOWNLOAD_FAILED", fetch, src, "hf://bob/none/x.safetensors")
     assert "repository not found" in err.message and err.details["url"] == "hf://bob/none/x.safetensors"
-    assert "file not found" in raises("LORA_DOWNLOAD_FAILED", src.fetch, "hf://alice/lora/no.safetensors").message
-    assert "revision not found" in raises("LORA_DOWNLOAD_FAILED", src.fetch, "hf://alice/lora@v9/x.safetensors").message
-    raises("LORA_INVALID", src.fetch, "hf://alice/lora/bad.safetensors")
+    assert "file not found" in raises("LORA_DOWNLOAD_FAILED", fetch, src, "hf://alice/lora/no.safetensors").message
+    assert "revision not found" in raises("LORA_DOWNLOAD_FAILED", fetch, src, "hf://alice/lora@v9/x.safetensors").message
+    raises("LORA_INVALID", fetch, src, "hf://alice/lora/bad.safetensors")
     raises("LORA_SOURCE_FORBIDDEN", make(tmp_path, hf_enabled=False).canonical, "hf://alice/lora/x.safetensors")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert "offline" in raises("LORA_DOWNLOAD_FAILED", src.fetch, "hf://alice/lora@v1/x.safetensors").message
+    assert "offline" in raises("LORA_DOWNLOAD_FAILED", fetch, src, "hf://alice/lora@v1/x.safetensors").message
 
 
 def test_the_hubs_redirect_is_checked_like_any_hop(tmp_path, hub):
     src = make(tmp_path, allowed_hosts=["huggingface.co"])  # the CDN's port is not allowed
-    err = raises("LORA_SOURCE_FORBIDDEN", src.fetch, "hf://alice/lora/sub/large.safetensors")
+    err = raises("LORA_SOURCE_FORBIDDEN", fetch, src, "hf://alice/lora/sub/large.safetensors")
     assert "redirect" in err.message and str(hub.cdn.port) not in err.message
     assert hub.cdn.counts["/blobs/large"] == 0
 
@@ -252,27 +255,27 @@ def test_the_hubs_redirect_is_checked_like_any_hop(tmp_path, hub):
 def test_the_servers_token_goes_only_to_repos_the_args_name(tmp_path, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "tok-server")
     src = hub_sources(tmp_path, hub, hf_token_repos=["org/*"])
-    src.fetch("hf://org/secret/x.safetensors")
+    fetch(src, "hf://org/secret/x.safetensors")
     assert hub.hub.headers["/org/secret/resolve/main/x.safetensors"]["authorization"] == "Bearer tok-server"
-    src.fetch("hf://alice/lora/x.safetensors")
+    fetch(src, "hf://alice/lora/x.safetensors")
     assert "authorization" not in hub.hub.headers["/alice/lora/resolve/main/x.safetensors"]
     none = hub_sources(tmp_path / "b", hub)  # by default no repo gets it
-    raises("LORA_DOWNLOAD_FAILED", none.fetch, "hf://org/secret/x.safetensors")
+    raises("LORA_DOWNLOAD_FAILED", fetch, none, "hf://org/secret/x.safetensors")
 
 
 def test_a_requests_token_is_used_for_it_only_and_never_shows(tmp_path, hub, caplog):
     caplog.set_level(logging.INFO)
     src = hub_sources(tmp_path, hub)
     private = "hf://alice/private/sub/large.safetensors"
-    assert src.read(private, token="tok-alice").size == len(hub.large)
+    assert read(src, private, token="tok-alice").size == len(hub.large)
     assert "authorization" not in hub.cdn.headers["/blobs/large"]  # the token stays with the Hub's origin
     # Cached under the token's hash: a request without it, or with another, is not served that file.
     for token in (None, "tok-bob"):
-        err = raises("LORA_DOWNLOAD_FAILED", src.read, private, token=token)
+        err = raises("LORA_DOWNLOAD_FAILED", read, src, private, token=token)
         assert "tok-" not in err.message + json.dumps(err.details)
     assert len(cache_files(tmp_path)) == 1
-    assert src.fetch(private, token="tok-alice").cached
-    malformed = raises("LORA_SOURCE_FORBIDDEN", src.fetch, private, token="tok-alice\r\nX-Evil: 1")
+    assert fetch(src, private, token="tok-alice").cached
+    malformed = raises("LORA_SOURCE_FORBIDDEN", fetch, src, private, token="tok-alice\r\nX-Evil: 1")
     assert "tok-alice" not in malformed.message
     assert "tok-alice" not in caplog.text and "tok-bob" not in caplog.text
 

@@ -1,7 +1,7 @@
 """LoraSources against real files and a real local HTTP server (no mocks of the network).
 
 Root-relative paths, the URL policy as the ingress applies it (`canonical`), downloads into the
-disk cache, and the hand-over to a loader (`read`). Redirects and misbehaving hosts are in
+disk cache (`fetch`), and the hand-over to a loader (`hold`, then the held file's `read`). Redirects and misbehaving hosts are in
 test_safe_fetch.py, hf:// in test_hf_sources.py, the cache's cap across processes in
 test_download_cache.py, the async Downloader in test_downloader.py.
 """
@@ -14,6 +14,7 @@ import shutil
 import struct
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from serve_app.config import LoraArgs
 from serve_app.errors import ApiError
 from serve_app.loras.cache import cache_key
 from serve_app.loras.files import LoraFile, looks_like_html
-from serve_app.loras.sources import LoraSources
+from serve_app.loras.sources import FetchResult, LoraSources
 from tests.unit.lora_host import LoraHost, flaky, redirect, slow, stream_without_length
 
 TIMEOUT_S = 0.5
@@ -76,6 +77,23 @@ def raises(codes: str | set[str], fn, *args, **kwargs) -> ApiError:
     return err
 
 
+def fetch(src: LoraSources, path: str, token: str | None = None) -> FetchResult:
+    """Resolve a source as the client sent it, then fetch it (a root file needs nothing)."""
+    return src.fetch(src.resolve(path, token))
+
+
+def read(src: LoraSources, path: str, token: str | None = None) -> LoraFile:
+    """What a replica loads: the file fetched, held open, then read (a file evicted in between is fetched again)."""
+    ref = src.resolve(path, token)
+    for _ in range(3):
+        held = src.hold(ref)
+        if held is not None:
+            with held:
+                return held.read()
+        src.fetch(ref)
+    raise AssertionError(f"{path} left the cache three times")
+
+
 def cache_files(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "cache").iterdir()) if (tmp_path / "cache").exists() else []
 
@@ -89,10 +107,10 @@ def test_root_paths_canonical_and_read(tmp_path, good):
     (tmp_path / "root" / "demo" / "demo_lora.safetensors").write_bytes(good)
     assert src.canonical("demo/demo_lora.safetensors") == "demo/demo_lora.safetensors"
     assert src.canonical("./demo//demo_lora.safetensors") == "demo/demo_lora.safetensors"
-    lora = src.read("demo/demo_lora.safetensors")
+    lora = read(src, "demo/demo_lora.safetensors")
     assert isinstance(lora, LoraFile) and lora.source == "demo/demo_lora.safetensors" and lora.size == len(good)
     assert torch.equal(lora.tensors["transformer.x.lora_A.weight"], torch.full((2, 2), 2.0))
-    assert src.fetch("demo/demo_lora.safetensors").cached
+    assert fetch(src, "demo/demo_lora.safetensors").cached
 
 
 @pytest.mark.parametrize(
@@ -134,7 +152,7 @@ def test_encoded_root_paths_never_leave_the_root(tmp_path, good, path):
     """No decoding happens on root-relative paths: an encoded '..' is a (missing) name under the root."""
     (tmp_path / "outside.safetensors").write_bytes(good)
     src = make(tmp_path)
-    for call in (src.canonical, src.read, src.fetch):
+    for call in (src.canonical, partial(read, src), partial(fetch, src)):
         raises(ROOT_REFUSALS, call, path)
 
 
@@ -144,14 +162,14 @@ def test_symlinks(tmp_path, good):
     outside.write_bytes(good)
     (tmp_path / "root" / "escape.safetensors").symlink_to(outside)
     (tmp_path / "root" / "dir").symlink_to(tmp_path)
-    for call in (src.canonical, src.read):
+    for call in (src.canonical, partial(read, src)):
         raises("LORA_SOURCE_FORBIDDEN", call, "escape.safetensors")
         raises("LORA_SOURCE_FORBIDDEN", call, "dir/outside.safetensors")
     inside = tmp_path / "root" / "real.safetensors"
     inside.write_bytes(good)
     (tmp_path / "root" / "alias.safetensors").symlink_to(inside)
     assert src.canonical("alias.safetensors") == "alias.safetensors"
-    assert src.read("alias.safetensors").size == len(good)
+    assert read(src, "alias.safetensors").size == len(good)
 
 
 def test_a_directory_swapped_for_a_symlink_cannot_redirect_a_read(tmp_path):
@@ -182,7 +200,7 @@ def test_a_directory_swapped_for_a_symlink_cannot_redirect_a_read(tmp_path):
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and sum(seen.values()) < 3000:
             try:
-                lora = src.read("d/x.safetensors")
+                lora = read(src, "d/x.safetensors")
             except ApiError as exc:
                 assert exc.code in ROOT_REFUSALS, exc
                 assert str(tmp_path) not in exc.message
@@ -209,13 +227,13 @@ def test_a_fifo_or_unreadable_file_is_refused_without_blocking(tmp_path, good):
     src = make(tmp_path)
     os.mkfifo(tmp_path / "root" / "pipe.safetensors")
     start = time.monotonic()
-    raises(ROOT_REFUSALS, src.read, "pipe.safetensors")  # opened non-blocking: no writer can stall us
+    raises(ROOT_REFUSALS, read, src, "pipe.safetensors")  # opened non-blocking: no writer can stall us
     assert time.monotonic() - start < 1
     if os.geteuid() != 0:  # root reads any file
         locked = tmp_path / "root" / "locked.safetensors"
         locked.write_bytes(good)
         locked.chmod(0)
-        raises("LORA_INVALID", src.read, "locked.safetensors")
+        raises("LORA_INVALID", read, src, "locked.safetensors")
 
 
 # ---- file checks -----------------------------------------------------------------------------
@@ -235,7 +253,7 @@ def test_broken_files_are_invalid_and_named_by_their_source(tmp_path):
     }
     for why, body in cases.items():
         (tmp_path / "root" / "f.safetensors").write_bytes(body)
-        err = raises("LORA_INVALID", src.read, "f.safetensors")
+        err = raises("LORA_INVALID", read, src, "f.safetensors")
         assert why.strip() in err.message and "f.safetensors" in err.message
         assert str(tmp_path) not in err.message
 
@@ -263,7 +281,7 @@ def test_url_policy_and_rewrite(tmp_path):
     ):
         raises("LORA_SOURCE_FORBIDDEN", src.canonical, url)
     raises("LORA_SOURCE_FORBIDDEN", make(tmp_path, allowed_hosts=["127.0.0.1:1"]).canonical, "http://127.0.0.1:2/x")
-    raises("LORA_SOURCE_FORBIDDEN", src.fetch, "https://evil.com/x.safetensors")  # fetch checks too
+    raises("LORA_SOURCE_FORBIDDEN", fetch, src, "https://evil.com/x.safetensors")  # fetch checks too
 
 
 @pytest.mark.parametrize(
@@ -283,9 +301,9 @@ def test_url_policy_and_rewrite(tmp_path):
 def test_an_ip_port_entry_allows_no_other_spelling_of_it(tmp_path, host, good, spelling):
     host.file("/x.safetensors", good)
     src = make(tmp_path, allowed_hosts=[f"127.0.0.1:{host.port}"])
-    assert src.fetch(f"{host.base}/x.safetensors").bytes_downloaded == len(good)
+    assert fetch(src, f"{host.base}/x.safetensors").bytes_downloaded == len(good)
     url = f"http://{spelling}:{host.port}/x.safetensors"
-    err = raises("LORA_SOURCE_FORBIDDEN", src.fetch, url)
+    err = raises("LORA_SOURCE_FORBIDDEN", fetch, src, url)
     assert "allowed_hosts" in err.message
     assert host.counts["/x.safetensors"] == 1  # the other spelling sent nothing
 
@@ -297,30 +315,28 @@ def test_private_addresses_need_the_switch(tmp_path, host, good):
         (f"localhost:{host.port}", f"http://localhost:{host.port}/x.safetensors"),
     ):
         closed = make(tmp_path, allowed_hosts=[entry], allow_private_addresses=False)
-        err = raises("LORA_SOURCE_FORBIDDEN", closed.fetch, url)
+        err = raises("LORA_SOURCE_FORBIDDEN", fetch, closed, url)
         assert "private" in err.message and "127.0.0.1" not in err.message.replace(url, "")
         assert host.counts["/x.safetensors"] == 0
-    assert make(tmp_path, allowed_hosts=[f"localhost:{host.port}"]).fetch(
-        f"http://localhost:{host.port}/x.safetensors"
-    ).bytes_downloaded == len(good)
+    assert fetch(make(tmp_path, allowed_hosts=[f"localhost:{host.port}"]),
+                 f"http://localhost:{host.port}/x.safetensors").bytes_downloaded == len(good)
 
 
 def test_download_once_then_cache_hit(tmp_path, host, good):
     src = make(tmp_path)
     url = src.canonical(host.file("/good-once.safetensors", good))
-    first = src.fetch(url)
+    first = fetch(src, url)
     assert (first.cached, first.bytes_downloaded) == (False, len(good))
     assert cache_files(tmp_path) == [cache_key(url) + ".safetensors"]  # named by a hash: no client text on disk
-    assert src.fetch(url).cached and src.read(url).size == len(good)
+    assert fetch(src, url).cached and read(src, url).size == len(good)
     assert host.counts["/good-once.safetensors"] == 1
-    assert src.stats["url_downloads"] == 1 and src.stats["bytes_downloaded"] == len(good)
 
 
 def test_same_host_redirect_and_retry_after_500(tmp_path, host, good):
     src = make(tmp_path)
     host.file("/good-redirected", good)
-    assert src.read(host.route("/redirect", redirect("/good-redirected"))).size == len(good)
-    assert src.read(host.route("/flaky", flaky(good, failures=1))).size == len(good)
+    assert read(src, host.route("/redirect", redirect("/good-redirected"))).size == len(good)
+    assert read(src, host.route("/flaky", flaky(good, failures=1))).size == len(good)
     assert host.counts["/flaky"] == 2
 
 
@@ -348,7 +364,7 @@ def test_same_host_redirect_and_retry_after_500(tmp_path, host, good):
 def test_download_failures_not_retried(tmp_path, host, path, answer, code, reason):
     src = make(tmp_path)
     url = host.route(path, answer)
-    err = raises(code, src.fetch, url)
+    err = raises(code, fetch, src, url)
     assert reason in err.message and url in err.message  # names the URL, not a cache path
     if code == "LORA_DOWNLOAD_FAILED":
         assert err.details == {"url": url, "reason": err.details["reason"]}
@@ -359,7 +375,7 @@ def test_download_failures_not_retried(tmp_path, host, path, answer, code, reaso
 def test_timeout_retried_then_fails(tmp_path, host, good):
     src = make(tmp_path)
     url = host.route("/slow", slow(good, 3 * TIMEOUT_S))
-    err = raises("LORA_DOWNLOAD_FAILED", src.fetch, url)
+    err = raises("LORA_DOWNLOAD_FAILED", fetch, src, url)
     assert f"timed out after {TIMEOUT_S:g} s" in err.message
     assert host.counts["/slow"] == 2  # download_retries attempts
 
@@ -370,13 +386,13 @@ def test_connection_refused(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    err = raises("LORA_DOWNLOAD_FAILED", make(tmp_path).fetch, f"http://127.0.0.1:{port}/x")
+    err = raises("LORA_DOWNLOAD_FAILED", fetch, make(tmp_path), f"http://127.0.0.1:{port}/x")
     assert "connection refused" in err.message
 
 
 def test_secret_query_values_never_show_in_messages(tmp_path, host):
     url = host.route("/gone", lambda h: h.send(404, b""))
-    err = raises("LORA_DOWNLOAD_FAILED", make(tmp_path).fetch, url + "?type=Model&token=s3cr3t&X-Amz-Signature=abc")
+    err = raises("LORA_DOWNLOAD_FAILED", fetch, make(tmp_path), url + "?type=Model&token=s3cr3t&X-Amz-Signature=abc")
     assert "s3cr3t" not in err.message + str(err.details) and "abc" not in err.message
     assert "type=Model" in err.message
 
@@ -387,11 +403,11 @@ def test_lru_eviction(tmp_path, host, good):
     host.file("/good-lru", good)
     a, b = (src.canonical(f"{host.base}/good-lru?{i}") for i in "ab")
     for url in (a, b):
-        src.fetch(url)
+        fetch(src, url)
     os.utime(src.cache.path(cache_key(a)), (time.time() - 100,) * 2)
     os.utime(src.cache.path(cache_key(b)), (time.time() - 50,) * 2)
-    assert src.fetch(a).cached  # a hit: a becomes the most recently used
-    src.fetch(f"{host.base}/good-lru?c")
+    assert fetch(src, a).cached  # a hit: a becomes the most recently used
+    fetch(src, f"{host.base}/good-lru?c")
     assert cache_files(tmp_path) == sorted(
         cache_key(u) + ".safetensors" for u in (a, src.canonical(f"{host.base}/good-lru?c"))
     )
@@ -400,19 +416,8 @@ def test_lru_eviction(tmp_path, host, good):
 
 def test_a_file_larger_than_the_whole_cache_is_refused(tmp_path, host, good):
     src = make(tmp_path, cache_max_bytes=len(good) - 1)
-    err = raises("LORA_DOWNLOAD_FAILED", src.fetch, host.file("/x.safetensors", good))
+    err = raises("LORA_DOWNLOAD_FAILED", fetch, src, host.file("/x.safetensors", good))
     assert "download cache has no room" in err.message and cache_files(tmp_path) == []
-
-
-def test_concurrent_threads_download_once(tmp_path, host, good):
-    from concurrent.futures import ThreadPoolExecutor
-
-    src = make(tmp_path)
-    url = host.route("/good-threads", slow(good, 0.3))
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: src.fetch(url), range(4)))
-    assert host.counts["/good-threads"] == 1
-    assert sum(r.bytes_downloaded for r in results) == len(good)
 
 
 def test_html_sniffing_spares_safetensors_starting_with_lt():
@@ -432,7 +437,7 @@ def test_messages_carry_no_server_path_pid_or_traceback(tmp_path, host, good):
     ]
     for args in cases:
         with pytest.raises(ApiError) as info:
-            src.read(*args)
+            read(src, *args)
         text = info.value.message + repr(info.value.details)
         for leak in (str(tmp_path), str(os.getpid()), "Traceback", "/tmp", "Errno"):
             assert leak not in text, (leak, text)

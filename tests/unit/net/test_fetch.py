@@ -17,7 +17,7 @@ import pytest
 
 from serve_app.net.fetch import PinnedBackend
 from tests.unit.lora_host import LoraHost, drip, raw, redirect
-from tests.unit.loras.test_sources import TIMEOUT_S, make, raises, safetensors_bytes
+from tests.unit.loras.test_sources import TIMEOUT_S, fetch, make, raises, safetensors_bytes
 
 SECRET = b"INTERNAL-ADMIN-PAGE-42"
 
@@ -62,7 +62,7 @@ def test_a_redirect_outside_the_policy_is_refused_before_any_connection(tmp_path
     src = make(tmp_path, allowed_hosts=[f"127.0.0.1:{allowed.port}"])
     location = target.format(internal=internal.port, allowed=allowed.port)
     url = allowed.route("/lora.safetensors", redirect(location))
-    err = raises("LORA_SOURCE_FORBIDDEN", src.fetch, url)
+    err = raises("LORA_SOURCE_FORBIDDEN", fetch, src, url)
     assert url in err.message and "redirect" in err.message
     assert_reveals_nothing(err.message + str(err.details), internal.port, "169.254")
     assert sum(internal.counts.values()) == 0 and allowed.counts["/lora.safetensors"] == 1
@@ -72,7 +72,7 @@ def test_a_redirect_target_that_is_allowed_reveals_nothing_of_its_answer(tmp_pat
     allowed, internal = hosts
     internal.route("/fail", lambda h: h.send(503, SECRET, "text/plain"))
     src = make(tmp_path, allowed_hosts=[f"127.0.0.1:{allowed.port}", f"127.0.0.1:{internal.port}"])
-    err = raises("LORA_DOWNLOAD_FAILED", src.fetch, allowed.route("/a", redirect(f"{internal.base}/fail")))
+    err = raises("LORA_DOWNLOAD_FAILED", fetch, src, allowed.route("/a", redirect(f"{internal.base}/fail")))
     assert_reveals_nothing(err.message + str(err.details), "503", internal.port)
     assert internal.counts["/fail"] == 2  # a 5xx is retried, through the whole redirect chain
 
@@ -87,7 +87,7 @@ def test_whether_a_redirect_targets_port_is_open_does_not_show(tmp_path, hosts):
     for port, path in ((closed, "/closed"), (internal.port, "/missing")):
         internal.route("/missing", lambda h: h.send(404, SECRET))
         err = raises(
-            "LORA_DOWNLOAD_FAILED", src.fetch, allowed.route(path, redirect(f"http://127.0.0.1:{port}/missing"))
+            "LORA_DOWNLOAD_FAILED", fetch, src, allowed.route(path, redirect(f"http://127.0.0.1:{port}/missing"))
         )
         assert_reveals_nothing(err.message, port, "refused", "404")
         answers.append(err.message.replace(path, ""))
@@ -99,10 +99,10 @@ def test_redirect_loops_and_chains_end_as_a_coded_failure(tmp_path, hosts):
     src = make(tmp_path, allowed_hosts=[f"127.0.0.1:{allowed.port}"])
     allowed.route("/loop-a", redirect("/loop-b"))
     allowed.route("/loop-b", redirect("/loop-a"))
-    err = raises("LORA_DOWNLOAD_FAILED", src.fetch, f"{allowed.base}/loop-a")
+    err = raises("LORA_DOWNLOAD_FAILED", fetch, src, f"{allowed.base}/loop-a")
     assert "redirected more than" in err.message
     assert allowed.counts["/loop-a"] + allowed.counts["/loop-b"] == 6  # not retried: a loop stays a loop
-    raises("LORA_DOWNLOAD_FAILED", src.fetch, allowed.route("/empty-location", lambda h: h.send(302, b"")))
+    raises("LORA_DOWNLOAD_FAILED", fetch, src, allowed.route("/empty-location", lambda h: h.send(302, b"")))
 
 
 def test_a_dripping_host_is_cut_off_at_the_download_deadline(tmp_path, hosts):
@@ -111,7 +111,7 @@ def test_a_dripping_host_is_cut_off_at_the_download_deadline(tmp_path, hosts):
     body = safetensors_bytes(tmp_path) + b"\0" * 400
     url = allowed.route("/drip.safetensors", drip(body, every_s=TIMEOUT_S / 5))  # ~50 s at this pace
     start = time.monotonic()
-    err = raises("LORA_DOWNLOAD_FAILED", src.fetch, url)
+    err = raises("LORA_DOWNLOAD_FAILED", fetch, src, url)
     elapsed = time.monotonic() - start
     assert "timed out" in err.message
     assert src.fetcher.budget_s - 0.1 <= elapsed < src.fetcher.budget_s + 1.0, elapsed
@@ -134,7 +134,7 @@ def test_a_dripping_host_is_cut_off_at_the_download_deadline(tmp_path, hosts):
 def test_broken_answers_are_coded_failures(tmp_path, hosts, answer):
     allowed, _ = hosts
     src = make(tmp_path)
-    err = raises({"LORA_DOWNLOAD_FAILED", "LORA_INVALID"}, src.fetch, allowed.route("/broken", raw(answer)))
+    err = raises({"LORA_DOWNLOAD_FAILED", "LORA_INVALID"}, fetch, src, allowed.route("/broken", raw(answer)))
     assert_reveals_nothing(err.message, "gzip", "chunk", "h11", "Errno")
 
 
@@ -158,7 +158,7 @@ def test_a_url_the_policy_accepts_can_always_be_sent(tmp_path, hosts, url):
     """Whatever the URL: a download (here a 404) or a coded refusal, never an unexpected exception."""
     allowed, _ = hosts
     src = make(tmp_path)
-    raises({"LORA_DOWNLOAD_FAILED", "LORA_SOURCE_FORBIDDEN"}, src.fetch, url.format(port=allowed.port))
+    raises({"LORA_DOWNLOAD_FAILED", "LORA_SOURCE_FORBIDDEN"}, fetch, src, url.format(port=allowed.port))
 
 
 def test_the_connection_goes_to_the_checked_address_whatever_the_name(hosts):
@@ -216,9 +216,9 @@ def test_https_checks_the_certificate_of_the_name_while_connecting_to_the_checke
             src = make(tmp_path, allowed_hosts=[f"localhost:{server.port}"])
             url = f"https://localhost:{server.port}/x.safetensors"
             if code is None:
-                assert src.fetch(url).bytes_downloaded == len(good)  # SNI and hostname check: "localhost"
+                assert fetch(src, url).bytes_downloaded == len(good)  # SNI and hostname check: "localhost"
             else:  # a certificate for another name: refused, whatever address it answers on
-                assert "cannot connect" in raises(code, src.fetch, url).message
+                assert "cannot connect" in raises(code, fetch, src, url).message
         finally:
             server.close()
 
@@ -231,7 +231,7 @@ def test_a_redirect_from_https_to_plain_http_is_refused(tmp_path, monkeypatch, h
     try:
         url = server.route("/x.safetensors", redirect(f"http://localhost:{internal.port}/x.safetensors"))
         src = make(tmp_path, allowed_hosts=["localhost"])
-        err = raises("LORA_SOURCE_FORBIDDEN", src.fetch, url.replace("127.0.0.1", "localhost"))
+        err = raises("LORA_SOURCE_FORBIDDEN", fetch, src, url.replace("127.0.0.1", "localhost"))
         assert "redirect" in err.message and sum(internal.counts.values()) == 0
     finally:
         server.close()

@@ -84,10 +84,21 @@ def item(request_id: str, index: int = 0, prompt: str = "a photo", seed: int = 1
                     deadline=deadline)
 
 
+async def batch(replica: GeneratorReplica, items: list[WorkItem]) -> list:
+    """One batch as the Serve shell runs it: each item's prefetch holds its LoRA files until its end."""
+    for one in items:
+        assert await replica.prefetch(one) is None
+    try:
+        return await replica.run_batch(items)
+    finally:
+        for one in items:
+            replica.release(one)
+
+
 def run(replica: GeneratorReplica, items: list[WorkItem]) -> list:
     async def go():
         try:
-            return await replica.run_batch(items)
+            return await batch(replica, items)
         finally:
             replica.close()
 
@@ -140,11 +151,11 @@ def test_a_cancelled_item_stops_a_call_that_serves_nobody_else(spy, lora_root):
     lone = item("lone", steps=40, size=128)
 
     async def go():
-        batch = asyncio.create_task(replica.run_batch([lone]))
+        running = asyncio.create_task(batch(replica, [lone]))
         while not spy.calls or spy.calls[-1]["steps"] < 2:
             await asyncio.sleep(0.01)
         replica.cancel(lone)
-        return await batch
+        return await running
 
     outcome = asyncio.run(go())[0]
     replica.close()
@@ -157,11 +168,11 @@ def test_a_cancelled_item_does_not_stop_its_call_mates(spy, lora_root):
     keep, drop = item("keep", steps=12, seed=1), item("drop", steps=12, seed=2)
 
     async def go():
-        batch = asyncio.create_task(replica.run_batch([keep, drop]))
+        running = asyncio.create_task(batch(replica, [keep, drop]))
         while not spy.calls or spy.calls[-1]["steps"] < 2:
             await asyncio.sleep(0.01)
         replica.cancel(drop)
-        return await batch
+        return await running
 
     kept, dropped = asyncio.run(go())
     replica.close()
@@ -210,7 +221,7 @@ def test_pipeline_calls_run_on_one_engine_thread(spy, lora_root):
 
     async def go():
         for i in range(3):
-            await replica.run_batch([item(f"r{i}", size=64 + 16 * i)])
+            await batch(replica, [item(f"r{i}", size=64 + 16 * i)])
         replica.close()
 
     asyncio.run(go())
@@ -225,7 +236,7 @@ def test_lora_sets_are_cached_and_the_least_recent_is_unloaded(fresh_spy, lora_r
 
     async def go():
         for loras in ((a,), (a,), (b,), stack):
-            outcome = (await replica.run_batch([item("r", loras=loras)]))[0]
+            outcome = (await batch(replica, [item("r", loras=loras)]))[0]
             assert isinstance(outcome, ItemResult), outcome
         state = await replica.lora_state()
         replica.close()
@@ -255,7 +266,7 @@ def test_a_bad_lora_file_fails_only_its_item_before_the_batch(spy, lora_root):
 
 
 def test_results_name_the_speed_tier_and_lora_mode_that_drew_them(tiny_dir, lora_root):
-    """The exact tier runs PEFT adapters; the compiled tier writes the set into its slot (SPEC section 7)."""
+    """The exact tier runs PEFT adapters; the compiled tier writes the set into its slot (docs/performance.md)."""
     from serve_app.engine.compiled.fast import CompiledFluxEngine
     from serve_app.engine.compiled.speed import SpeedArgs, WarmupShape
 
@@ -268,3 +279,65 @@ def test_results_name_the_speed_tier_and_lora_mode_that_drew_them(tiny_dir, lora
     compiled_out = run(make_replica(compiled, lora_root), [item("c", loras=style)])[0]
     assert (exact_out.speed_tier, exact_out.lora_mode) == ("exact", "peft")
     assert (compiled_out.speed_tier, compiled_out.lora_mode) == ("compiled", "slot")
+
+
+EVICT_ALL = r"""
+import sys
+from pathlib import Path
+from serve_app.loras.cache import DownloadCache
+
+cache = DownloadCache(Path(sys.argv[1]), cap_bytes=0, stale_part_s=3600)
+try:
+    cache.make_room()  # a cap of 0: every complete file goes, as another process's downloads would make it
+except Exception:
+    pass
+print(cache.evictions)
+"""
+
+
+def test_a_file_evicted_between_prefetch_and_load_is_loaded_from_the_held_bytes(fresh_spy, lora_root, tmp_path):
+    """Another real process empties the shared download cache after an item's prefetch: the item's adapter
+    still loads, from the bytes prefetch held, with no request to the network, and the item beside it in
+    the batch does not wait for any download."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.unit.lora_host import LoraHost, slow
+
+    body = (lora_root / "aitk" / "style.safetensors").read_bytes()
+    host = LoraHost()
+    url = host.file("/style.safetensors", body)
+    cache_dir = tmp_path / "cache"
+    sources = LoraSources(LoraArgs(root=str(lora_root), cache_dir=str(cache_dir),
+                                   allowed_hosts=["127.0.0.1"], allow_private_addresses=True))
+    replica = GeneratorReplica(fresh_spy, sources, BatchSettings(), max_lora_sets=2)
+    styled = item("styled", loras=(LoraUse(sources.canonical(url), 0.8),))
+    plain = item("plain", seed=2)
+
+    async def go():
+        assert await replica.prefetch(styled) is None and await replica.prefetch(plain) is None
+        repo_root = Path(__file__).resolve().parents[3]
+        evicted = subprocess.run([sys.executable, "-c", EVICT_ALL, str(cache_dir)], capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(repo_root)}, check=True, timeout=120)
+        host.route("/style.safetensors", slow(body, 30.0))  # a download now would take 30 s
+        start = time.monotonic()
+        outcomes = await replica.run_batch([styled, plain])
+        seconds = time.monotonic() - start
+        replica.release(styled)
+        replica.release(plain)
+        state = await replica.lora_state()
+        replica.close()
+        return int(evicted.stdout), outcomes, seconds, state
+
+    try:
+        evictions, outcomes, seconds, state = asyncio.run(go())
+    finally:
+        host.close()
+    assert evictions == 1 and not list(cache_dir.glob("*.safetensors"))  # the file was gone before the load
+    assert all(isinstance(o, ItemResult) for o in outcomes), outcomes
+    assert outcomes[0].lora_modules and outcomes[0].lora_modules[0][1] > 0  # the adapter loaded and matched
+    assert host.counts["/style.safetensors"] == 1  # prefetch's download, and nothing after it
+    assert seconds < 15, seconds  # neither item waited for a download
+    assert state.adapter_loads == 1 and len(replica.held) == 0  # the held file was let go with its item

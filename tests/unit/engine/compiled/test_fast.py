@@ -176,6 +176,17 @@ def test_the_exact_tier_reports_peft_calls(exact):
     assert exact.describe_call(weights([("style", 1.0)])) == CallMode("exact", "peft")
 
 
+def test_a_calls_lora_mode_is_chosen_without_walking_the_model(fast, monkeypatch):
+    def walk(self):
+        raise AssertionError("walked every module of the model")
+
+    monkeypatch.setattr(FluxEngine, "adapter_names", walk)  # the walk over every PEFT layer
+    assert fast.describe_call(weights([("style", 1.0), ("other", 0.5)])) == CallMode("compiled", "slot")
+    assert fast.describe_call(weights([("dora", 1.0)])) == CallMode("compiled", "peft")
+    with pytest.raises(KeyError, match="not loaded"):
+        fast.describe_call(weights([("missing", 1.0)]))
+
+
 def test_a_foreign_compile_artifacts_file_is_ignored(tmp_path):
     path = compilation.artifacts_path(tmp_path, "compiled-r64-inductor-default-NVIDIA H200-torch2.11")
     assert " " not in path.name

@@ -1,4 +1,4 @@
-"""PreviewEngine against ai-toolkit's own preview images (../shared/golden/preview) and its LoRA rules.
+"""PreviewEngine against ai-toolkit's own preview images (tests/golden/preview) and its LoRA rules.
 
 The goldens are drawn as a generator replica draws them (bench/preview_goldens.py: the request through
 build_work_items, then PreviewModel), and compared within this CPU's residual (preview_goldens.py says why).
@@ -17,7 +17,14 @@ from serve_app.engine.preview.lora import choose_lora_mode
 from serve_app.engine.preview.model import PreviewModel
 from serve_app.engine.preview.sampling import GenerationInterrupted, PreviewEngine
 from serve_app.errors import ApiError
-from tests.unit.preview_goldens import GOLDEN_DIR, GOLDENS, assert_within_residual, load_golden, needs_goldens
+from tests.unit.preview_goldens import (
+    GOLDEN_DIR,
+    GOLDENS,
+    assert_within_residual,
+    golden_id,
+    load_golden,
+    needs_goldens,
+)
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 4.0}  # a fast call where pixels are not the point
 
@@ -53,7 +60,7 @@ def demo_lora_file(tmp_path_factory):
 
 
 @needs_goldens
-@pytest.mark.parametrize("name", GOLDENS)
+@pytest.mark.parametrize("name", GOLDENS, ids=golden_id)
 def test_golden(name, quantized, bf16, demo_lora_file):
     golden = load_golden(name)
     model = PreviewModel(quantized if is_quantized(golden) else bf16)
