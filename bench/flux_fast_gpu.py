@@ -258,7 +258,7 @@ def phase_compiled(bench: Bench) -> None:
     engine = bench.engine = CompiledFluxEngine(bench.pipe, plan.device, speed)
     compiles = []
     for shape in shapes:
-        warm = engine.warmup([shape])
+        warm = engine.compile_shapes([shape])
         compiles.append({**shape.model_dump(), "seconds": round(warm.seconds, 1), "compiles": warm.compiles})
         print(json.dumps({"warmup": compiles[-1]}), flush=True)
     load_s = timed(plan, lambda: engine.load_adapter("a", LoraFile("a", bench.loras["a"], {}, 0)))
@@ -333,7 +333,7 @@ def phase_fp8(bench: Bench) -> None:
     shapes = (WarmupShape(width=plan.size, height=plan.size),)
     speed = SpeedArgs(speed="fp8", compile_backend=plan.backend, torch_threads=plan.threads, warmup_shapes=shapes)
     engine = bench.engine = CompiledFluxEngine(bench.pipe, plan.device, speed)
-    warm = engine.warmup()
+    warm = engine.compile_shapes()
     engine.load_adapter("a", LoraFile("a", bench.loras["a"], {}, 0))
     engine.activate(LORA_A)
     out = forward(bench.pipe.transformer, bench.probe)

@@ -10,7 +10,8 @@ ai-toolkit job config (its trigger word, `sample:` section, `model.quantize` and
 /v1/previews for the run's sample grid (with the same progress bar), on the preview model that
 matches the run (`flux-preview` when quantized, else `flux-preview-bf16`); the LoRA is a source the
 server can read (nothing is uploaded). The API key, if the server wants one, comes from the
-FLUX_SERVE_API_KEY environment variable. Images go under out/ unless --out says otherwise.
+FLUX_SERVE_API_KEY environment variable, the server's address from --url or FLUX_SERVE_URL. Images
+go under out/ unless --out says otherwise.
 
 A failure (a config it cannot read, an error answer from the server, a server it cannot reach)
 prints one line to stderr, `error: ...` (an error answer as `error: <code>: <message>`), and exits 1.
@@ -168,7 +169,7 @@ def run_preview(argv: list[str]) -> None:
     parser.add_argument("--config", required=True, help="the ai-toolkit job config (YAML)")
     parser.add_argument("--lora", help="the LoRA, as the server reads it: a path under its LoRA root, a URL or hf://")
     parser.add_argument("--model", help="the preview model (default: from the config's model.quantize)")
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    _add_url(parser)
     parser.add_argument("--format", choices=["jpeg", "png", "webp"], default="jpeg")
     parser.add_argument("--out", default="out/previews", help="directory for the images")
     args = parser.parse_args(argv)
@@ -227,6 +228,11 @@ def _auth_headers() -> dict:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
+def _add_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("FLUX_SERVE_URL", "http://127.0.0.1:8000"),
+                        help="the server (default: $FLUX_SERVE_URL, else http://127.0.0.1:8000)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the client. The one place failures are reported: a ClientError, or a request that got no
     answer, prints one line to stderr (`error: ...`) and exits 1, with no traceback."""
@@ -243,7 +249,7 @@ def _run(argv: list[str]) -> None:
         return run_preview(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt")
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    _add_url(parser)
     parser.add_argument("--model", default="flux")
     parser.add_argument("--trigger", help="trigger word replacing [trigger]")
     parser.add_argument("--lora", action="append", default=[], help="LoRA path, URL or hf://; repeatable")

@@ -182,11 +182,11 @@ class StatusResponse(BaseModel):
 class EffectiveSettings(BaseModel):
     """What a preview model ran for one image, after ai-toolkit's prompt flags and size floors."""
 
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
+    prompt: str = Field(description="The prompt after the trigger word, `[name]` and the prompt's flags")
+    width: int = Field(description="The image's width as drawn (ai-toolkit's floor to 8, then the pipeline's to 16)")
+    height: int = Field(description="The image's height as drawn")
+    steps: int = Field(description="Denoising steps")
+    guidance: float = Field(description="Guidance scale")
     seed: int
     multiplier: float | None = Field(description="The LoRA's multiplier; null for the base model")
 

@@ -54,7 +54,9 @@ class CompileStats:
 class Engine(Protocol):
     device: str
     # Images one pipeline call may hold, whatever the pixel budget says (None: no limit of its own).
-    max_images_per_call: int | None
+    @property
+    def max_images_per_call(self) -> int | None:
+        """The most images one call may draw (None: the pixel budget decides)."""
 
     def load_adapter(self, name: str, lora: LoraFile) -> int:
         """Load a LoRA file's tensors (read and checked by LoraSources) as adapter `name`; return how
@@ -83,13 +85,8 @@ class Engine(Protocol):
     def compile_stats(self) -> CompileStats | None:
         """Compiles so far (None for an engine that does not compile)."""
 
-    def generate(
-        self,
-        items: Sequence[WorkItem],
-        adapters: Sequence[AdapterWeight] = (),
-        should_stop: StopCheck | None = None,
-        on_step: StepCallback | None = None,
-    ) -> list[Image.Image]:
+    def generate(self, items: Sequence[WorkItem], adapters: Sequence[AdapterWeight] = (),
+                 should_stop: StopCheck | None = None, on_step: StepCallback | None = None) -> list[Image.Image]:
         """One pipeline call for items of one BatchKey: one image per item, in order.
 
         Raises:

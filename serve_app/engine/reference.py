@@ -182,13 +182,8 @@ class FluxEngine:
 
     # ---- generation ------------------------------------------------------------------------
 
-    def generate(
-        self,
-        items: Sequence[WorkItem],
-        adapters: Sequence[AdapterWeight] = (),
-        should_stop: StopCheck | None = None,
-        on_step: StepCallback | None = None,
-    ) -> list[Image.Image]:
+    def generate(self, items: Sequence[WorkItem], adapters: Sequence[AdapterWeight] = (),
+                 should_stop: StopCheck | None = None, on_step: StepCallback | None = None) -> list[Image.Image]:
         """Run one pipeline call for items that share a BatchKey; one image per item, in order.
 
         Args:

@@ -298,9 +298,9 @@ class LoraSources:
             raise
         except Exception:
             logger.exception("LoRA download %s failed unexpectedly", log_id)
-            error = download_failed(ref.source, "the server could not complete the download")
-            self.failures.remember(ref.key, error)
-            raise error from None
+            failure = download_failed(ref.source, "the server could not complete the download")
+            self.failures.remember(ref.key, failure)
+            raise failure from None
         return size
 
     def _until(self, deadline: float | None) -> tuple[float, bool]:

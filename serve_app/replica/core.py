@@ -302,7 +302,7 @@ class GeneratorReplica:
         for indices, encoding in encodings:
             for i, outcome in zip(indices, await encoding):
                 outcomes[i] = outcome
-        return outcomes
+        return [outcome for outcome in outcomes if outcome is not None]  # every item has its outcome by now
 
     async def _run_call(self, items: list[WorkItem]) -> list[_Generated | ApiError]:
         async with self.lock:
@@ -315,7 +315,7 @@ class GeneratorReplica:
                 return [exc for _ in items]
             by_ref = dict(zip((item.ref for item in live), await self._generate_or_split(live)))
         # An item cancelled or timed out while its call-mates kept the call going gets no image.
-        return [self._dead_error(item) if self._is_dead(item) else by_ref.get(item.ref) for item in items]
+        return [self._dead_error(item) if self._is_dead(item) else by_ref[item.ref] for item in items]
 
     async def _acquire_loras(self, key: BatchKey) -> LoraSet | None:
         if not key.loras:

@@ -106,8 +106,9 @@ class FluxGenerator:
     def reconfigure(self, user_config: dict) -> None:
         """Apply the deployment's `user_config` (BatchSettings fields) over the model's batching args."""
         settings = self.model.batching.updated(user_config)
-        self._batch.set_max_batch_size(settings.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        # Public setters of Serve's batch wrapper, which Ray's annotations type as the plain function.
+        self._batch.set_max_batch_size(settings.max_batch_size)  # type: ignore[attr-defined]
+        self._batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.replica.configure(settings)
 
     async def generate(self, item: WorkItem, tokens: dict[str, str] | None = None) -> ItemResult | ApiError:

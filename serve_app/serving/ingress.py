@@ -25,7 +25,7 @@ from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import errors
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, ModelArgs
 from serve_app.errors import ApiError, validation_error
 from serve_app.intake.request_rules import build_work_items, preview_request, request_tokens
 from serve_app.jobs.events import JobUpdate, status_events
@@ -51,7 +51,7 @@ from serve_app.web.guards import InFlight, load_api_key
 from serve_app.web.health import health_response, model_health
 from serve_app.web.outputs import Links, inline_image, with_matched_modules
 from serve_app.web.routes import build_api
-from serve_app.workitems import WorkItem
+from serve_app.workitems import ItemResult, WorkItem
 
 logger = logging.getLogger("ray.serve")
 
@@ -138,14 +138,16 @@ class FluxIngress:
                 outcomes = await asyncio.wait_for(self.generators.run(items, tokens), timeout=timeout_s)
             except TimeoutError:
                 raise ApiError(errors.TIMEOUT, f"the request did not finish within {timeout_s:g} s") from None
+        results: list[ItemResult] = []
         for outcome in outcomes:
             if isinstance(outcome, ApiError):
                 raise outcome
-        metadata = with_matched_modules(self._metadata(body, items), outcomes[0])
+            results.append(outcome)
+        metadata = with_matched_modules(self._metadata(body, items), results[0])
         metadata.inference_time = round(time.perf_counter() - started, 3)
-        preview = self.args.model(body.model).is_preview
+        preview = self._model(body.model).is_preview
         return GenerateResponse(
-            request_id=request_id, images=[inline_image(result, preview) for result in outcomes], metadata=metadata
+            request_id=request_id, images=[inline_image(result, preview) for result in results], metadata=metadata
         )
 
     async def models(self) -> ModelList:
@@ -207,8 +209,15 @@ class FluxIngress:
     def _metadata(self, body: InferenceRequest, items: list[WorkItem]) -> ResultMetadata:
         loras = [LoraReport(path=lora.path, network_multiplier=use.multiplier)
                  for lora, use in zip(body.loras, items[0].key.loras)]
-        model = self.args.model(body.model)
+        model = self._model(body.model)
         return ResultMetadata(model=model.id, base_model=model.base_model, loras=loras)
+
+    def _model(self, model_id: str) -> ModelArgs:
+        """A request's model, which `build_work_items` has already checked is served."""
+        model = self.args.model(model_id)
+        if model is None:
+            raise ApiError(errors.MODEL_NOT_FOUND, f"model {model_id!r} is not served here")
+        return model
 
 
 async def _answers(ping) -> bool:

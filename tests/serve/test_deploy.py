@@ -21,6 +21,7 @@ from ray.serve.schema import ServeDeploySchema
 from serve_app.config import AppArgs
 from serve_app.jobs.webhooks import SIGNATURE_HEADER, verify
 from tests.serve.helpers import free_port
+from tests.support.doc_commands import doc_commands
 from tests.support.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,6 +129,7 @@ def test_serve_run_of_local_yaml_answers_the_example_request_then_stops(tmp_path
         assert (tmp_path / ".flux-serve/loras/demo/demo_lora.safetensors").exists()
         _assert_goldens_reproduced(url)
         _check_a_job_is_stored_and_its_webhook_signed(url, tmp_path)
+        _run_the_documented_commands(port, tmp_path)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -165,6 +167,24 @@ def _check_a_job_is_stored_and_its_webhook_signed(url: str, start_dir: Path) -> 
     assert json.loads(delivery.body)["status"] == "succeeded"
     assert (start_dir / f".flux-serve/jobs/records/{request_id}.json").exists()
     assert (start_dir / f".flux-serve/jobs/images/{request_id}/0").exists()
+
+
+def _run_the_documented_commands(port: int, start_dir: Path) -> None:
+    """Every command the README and docs/ mark as runnable against `make serve` works as printed (only the
+    port differs), from a directory laid out like the repository's root, and writes only under `out/`."""
+    for name in (".venv", "examples"):
+        (start_dir / name).symlink_to(ROOT / name)
+    commands = doc_commands(ROOT)
+    assert {c.page for c in commands} >= {"README.md", "docs/api.md", "docs/jobs.md", "docs/models.md"}
+    before = set(os.listdir(start_dir))
+    for command in commands:
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", command.for_port(port)], cwd=start_dir,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "FLUX_SERVE_URL": f"http://127.0.0.1:{port}"})  # the client's
+        assert done.returncode == 0, (command.page, command.script, done.stdout[-2000:], done.stderr[-2000:])
+        assert "error" not in done.stderr.lower(), (command.page, done.stderr[-2000:])
+    assert set(os.listdir(start_dir)) - before == {"out"}  # what the examples write lands in out/
+    assert (start_dir / "out/first.jpg").stat().st_size > 0 and list((start_dir / "out/previews").iterdir())
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import torch
+from diffusers import ModelMixin
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class CompileCounter:
             self._handler.remove_start_callback(self._on_start)
 
 
-def compile_blocks(transformer: torch.nn.Module, backend: str, mode: str) -> None:
+def compile_blocks(transformer: ModelMixin, backend: str, mode: str) -> None:
     """Compile the transformer's repeated blocks with fullgraph: a graph break is an error, not a slowdown."""
     kwargs = {"fullgraph": True, "backend": backend}
     if backend == "inductor":

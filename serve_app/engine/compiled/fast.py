@@ -22,9 +22,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, ModelMixin
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
@@ -76,7 +77,7 @@ def check_speed_tier(speed: str, device: str, dtype: torch.dtype) -> None:
 
 
 def install_slot(
-    transformer: torch.nn.Module, targets: Mapping[str, tuple[int, int]], rank: int, dtype: torch.dtype
+    transformer: ModelMixin, targets: Mapping[str, tuple[int, int]], rank: int, dtype: torch.dtype
 ) -> LoraSlot:
     """Add the zeroed "slot" adapter over `targets` with tensor scalings of 1; return its weights.
 
@@ -90,7 +91,7 @@ def install_slot(
     weights = {}
     with torch.no_grad():
         for name in targets:
-            layer = transformer.get_submodule(name)
+            layer: Any = transformer.get_submodule(name)  # a PEFT LoRA layer: lora_A and lora_B are ModuleDicts
             lora_a, lora_b = layer.lora_A[SLOT_ADAPTER].to(dtype=dtype), layer.lora_B[SLOT_ADAPTER].to(dtype=dtype)
             lora_a.weight.zero_()
             lora_b.weight.zero_()
@@ -152,8 +153,9 @@ class CompiledFluxEngine(FluxEngine):
         source: str = TINY_SOURCE,
         device: str = "auto",
         revision: str | None = None,
-        speed: SpeedArgs | None = None,
         dtype: str = "auto",
+        *,
+        speed: SpeedArgs | None = None,
     ) -> CompiledFluxEngine:
         """Load `source` in `dtype` (a ModelArgs.dtype) for the tier in `speed` (default: compiled).
 
@@ -181,8 +183,8 @@ class CompiledFluxEngine(FluxEngine):
         self.delete_adapter(name)
         tensors = lora.tensors
         try:
-            lora = convert_lora(tensors, self.slot_targets)
-            self.slot.check([lora])
+            slot_lora = convert_lora(tensors, self.slot_targets)
+            self.slot.check([slot_lora])
         except SlotUnfit as unfit:
             if self.speed.lora_overflow == "reject":
                 raise ApiError(
@@ -193,8 +195,8 @@ class CompiledFluxEngine(FluxEngine):
             matched = self.overflow.keep(name, tensors, str(unfit))
             logger.info("LoRA %s will run on the eager PEFT path: %s", name, unfit)
             return matched
-        self.slot_weights.put(name, lora)
-        return len(lora.factors)
+        self.slot_weights.put(name, slot_lora)
+        return len(slot_lora.factors)
 
     def delete_adapter(self, name: str) -> None:
         """Forget adapter `name` and free its weights; a no-op if absent."""
@@ -270,20 +272,19 @@ class CompiledFluxEngine(FluxEngine):
 
     # ---- generation ------------------------------------------------------------------------
 
-    def generate(
-        self,
-        items: Sequence[WorkItem],
-        adapters: Sequence[AdapterWeight] = (),
-        should_stop: StopCheck | None = None,
-        on_step: StepCallback | None = None,
-    ) -> list[Image.Image]:
+    def generate(self, items: Sequence[WorkItem], adapters: Sequence[AdapterWeight] = (),
+                 should_stop: StopCheck | None = None, on_step: StepCallback | None = None) -> list[Image.Image]:
         """As FluxEngine.generate; a `peft`-mode call (see describe_call) runs with compiled code bypassed."""
         if self._lora_mode(adapters) == LoraMode.SLOT:
             return super().generate(items, adapters, should_stop, on_step)
         with torch.compiler.set_stance("force_eager"):
             return super().generate(items, adapters, should_stop, on_step)
 
-    def warmup(self, shapes: Sequence[WarmupShape] | None = None) -> WarmupReport:
+    def warmup(self) -> None:
+        """Compile the warm-up shapes of `speed` before the replica reports healthy."""
+        self.compile_shapes()
+
+    def compile_shapes(self, shapes: Sequence[WarmupShape] | None = None) -> WarmupReport:
         """Compile every shape in `shapes` (default: `speed.warmup_shapes`) with the base model.
 
         Run before the replica reports healthy. Saves the compile artifacts when a compile cache
@@ -339,4 +340,4 @@ def load_engine(
     speed = speed or SpeedArgs()
     if speed.speed == "exact":
         return FluxEngine.load(source, device, revision, dtype)
-    return CompiledFluxEngine.load(source, device, revision, speed, dtype)
+    return CompiledFluxEngine.load(source, device, revision, dtype, speed=speed)

@@ -179,7 +179,7 @@ def _merged(linears: dict[str, torch.nn.Module], lora: PreviewLora, multiplier: 
             for name, pair in lora.pairs.items():
                 if isinstance(linears[name], QModuleMixin):
                     raise TypeError(f"cannot merge a LoRA into the quantized Linear {name}; use mode 'hook'")
-                weight = linears[name].weight
+                weight = _weight(linears[name])
                 originals[name] = weight.detach().clone()
                 merged = weight.float() + multiplier * (pair.up @ pair.down)  # network_mixins.merge_in
                 weight.copy_(merged.to(weight.dtype))
@@ -187,4 +187,11 @@ def _merged(linears: dict[str, torch.nn.Module], lora: PreviewLora, multiplier: 
     finally:
         with torch.no_grad():
             for name, original in originals.items():
-                linears[name].weight.copy_(original)  # the exact original bits, never a bf16 subtraction
+                _weight(linears[name]).copy_(original)  # the exact original bits, never a bf16 subtraction
+
+
+def _weight(linear: torch.nn.Module) -> torch.Tensor:
+    """A block Linear's weight (typed: `Module.__getattr__` says Tensor or Module)."""
+    weight = linear.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight

@@ -71,13 +71,8 @@ class PreviewModel:
 
     # ---- generation ------------------------------------------------------------------------
 
-    def generate(
-        self,
-        items: Sequence[WorkItem],
-        adapters: Sequence[AdapterWeight] = (),
-        should_stop: StopCheck | None = None,
-        on_step: StepCallback | None = None,
-    ) -> list[Image.Image]:
+    def generate(self, items: Sequence[WorkItem], adapters: Sequence[AdapterWeight] = (),
+                 should_stop: StopCheck | None = None, on_step: StepCallback | None = None) -> list[Image.Image]:
         """Draw each item's preview (one image per pipeline call).
 
         Raises:
