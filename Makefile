@@ -16,7 +16,7 @@ RUFF_STAMP := $(VENV)/.ruff-$(RUFF_VERSION)
 MYPY_VERSION := 2.4.1
 MYPY_STAMP := $(VENV)/.mypy-$(MYPY_VERSION)
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -57,9 +57,13 @@ $(MYPY_STAMP):
 	$(PY) -m pip install -q --disable-pip-version-check mypy==$(MYPY_VERSION)
 	touch $(MYPY_STAMP)
 
-# pytest's exit 5 (no test collected) is a failure.
+# pytest's exit 5 (no test collected) is a failure. --durations=15: the slowest tests, every run.
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || { echo "no tests ran" >&2; exit 1; }; exit $$rc
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || { echo "no tests ran" >&2; exit 1; }; exit $$rc
+
+# The inner loop: the tests that start no Ray, no browser and no server process of their own.
+test-fast: setup
+	$(PY) -m pytest tests/unit -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.compare

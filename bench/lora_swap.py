@@ -77,7 +77,13 @@ def cached_mode(engine, sources, root: Path, cache_size: int) -> Callable:
     from serve_app.loras.adapters import AdapterCache
     from serve_app.loras.sources import LoraSources
 
-    adapters = AdapterCache(engine, LoraSources(LoraArgs(root=str(root), cache_dir=str(root / ".cache"))))
+    sources = LoraSources(LoraArgs(root=str(root), cache_dir=str(root / ".cache")))
+
+    def read_file(use):  # root files: held, then read, as a replica's prefetch and adapter load do
+        with sources.hold(sources.resolve(use.source)) as held:
+            return held.read()
+
+    adapters = AdapterCache(engine, read_file)
     lru = SetLru(adapters, cache_size)
 
     def run(item) -> bytes:

@@ -91,11 +91,13 @@ def test_server_image_equals_the_engine_image(url, tiny_dir, lora_root):
     from serve_app.loras.adapters import AdapterCache
     from serve_app.loras.sources import LoraSources
     from serve_app.schemas import InferenceRequest
+    from tests.unit.loras.test_sources import read
 
     request = body(output_format="png", loras=[{"path": "aitk/style.safetensors", "network_multiplier": 0.7}])
     served = httpx.post(f"{url}/v1/generate", json=request, timeout=60).json()
     engine = FluxEngine.load(str(tiny_dir), device="cpu")
-    adapters = AdapterCache(engine, LoraSources(LoraArgs(root=str(lora_root), cache_dir=str(lora_root / ".c"))))
+    sources = LoraSources(LoraArgs(root=str(lora_root), cache_dir=str(lora_root / ".c")))
+    adapters = AdapterCache(engine, lambda use: read(sources, use.source))
     item = build_work_items(InferenceRequest.model_validate(request), AppArgs(), "x")[0]
     held = adapters.acquire(item.key.loras)  # released when dropped
     local = encode_image(engine.generate([item], adapters.weights(item.key.loras))[0], "png")
