@@ -325,7 +325,7 @@ class WebhookArgs(StrictModel):
     )
     secret_file: str | None = Field(
         None, description="File holding the signing secret, read when the environment variable is unset; "
-        "from either, the text with surrounding whitespace stripped is the secret"
+        "from either, the text with surrounding whitespace stripped is the secret: `whsec_` + base64 (docs/jobs.md)"
     )
     generate_secret: bool = Field(
         False, description="Write a random secret to `secret_file` on start if neither it nor the variable is set"

@@ -31,7 +31,7 @@ class _Request(BaseModel):
 
 def _unicode_text(value: str) -> str:
     """Refuse lone surrogates: JSON can escape one (`"\\ud800"`), but no UTF-8 text holds it, so it
-    could be neither tokenized nor echoed back in an error body (found by tests/serve/test_fuzz.py)."""
+    could be neither tokenized nor echoed back in an error body (found by tests/unit/web/test_fuzz.py)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -333,3 +333,7 @@ class HealthResponse(BaseModel):
     status: Literal["healthy", "unhealthy"]
     models: dict[str, ModelHealth] = Field(default_factory=dict)
     unavailable: list[str] = Field(default_factory=list, description="Models (or `jobs`) that do not answer")
+    causes: dict[str, str] = Field(
+        default_factory=dict, description="Why an entry of `unavailable` is, where the probe can tell (e.g. `jobs`: "
+        "the job store is held by another server)"
+    )

@@ -44,7 +44,7 @@ from serve_app.jobs.events import ChangeSignal, JobUpdate
 from serve_app.jobs.progress import ItemProgress
 from serve_app.jobs.records import JobRecord, StoredImage, StoredItem, jobs_to_prune
 from serve_app.jobs.store import STORE_FAULTS, JobStore
-from serve_app.jobs.webhooks import WebhookSender
+from serve_app.jobs.webhooks import WebhookSender, message_id
 from serve_app.schemas import ResultMetadata, ResultResponse, StatusResponse, WebhookStatus
 from serve_app.states import JobStatus
 from serve_app.web.guards import overloaded
@@ -347,7 +347,7 @@ class JobManager:
         webhooks, url, webhook = self.webhooks, record.webhook_url, record.webhook
         if webhooks is None or url is None or webhook is None:  # never: _webhook_pending checked them
             return
-        final = await webhooks.deliver(url, body, webhook, on_attempt)
+        final = await webhooks.deliver(url, body, webhook, on_attempt, message_id(record.request_id))
         logger.info("job %s webhook: delivered=%s after %d attempts (%s)", record.request_id, final.delivered,
                     final.attempts, final.last_error or "ok")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -66,6 +67,18 @@ STORE_FAULTS = _store_faults()
 class Lease(BaseModel):
     owner: str
     expires_at: float  # unix seconds
+    # Who holds it, for the log and /health of a server that waits for it (a lease written before these
+    # fields has them empty): the holder's host, process and server (its app and Ray cluster).
+    host: str = ""
+    pid: int = 0
+    server: str = ""
+
+    def holder(self) -> str:
+        """`FluxJobs <owner> of <server>, pid <pid> on <host>`, with what the lease says."""
+        where = " ".join(part for part in (f"pid {self.pid}" if self.pid else "",
+                                            f"on {self.host}" if self.host else "") if part)
+        return " ".join(part for part in (f"FluxJobs {self.owner}", f"of {self.server}" if self.server else "",
+                                          f"({where})" if where else "") if part)
 
 
 class JobStore(Protocol):
@@ -288,22 +301,30 @@ class StoreLease:
     after the last renewal of a replica that died. Whoever finds another owner in the lease while
     renewing has lost it and stops working (FluxJobs then writes nothing more).
 
+    A lease that is renewed while this replica waits belongs to a live holder: another server started on
+    the same store (a second `make serve` from the same checkout, say) keeps it for as long as it runs.
+    The waiter logs once who holds it (the lease records its host, pid and server) and how to give this
+    server a store of its own; meanwhile /health answers 503 naming the holder (`lease_holder`).
+
     Args:
         store: the job store.
         owner: a unique name of this replica.
         lease_s: how long a hold lasts without renewal.
+        server: which server this replica belongs to (its app and Ray cluster), written in the lease.
     """
 
     SETTLE_S = 0.2  # two replicas writing the lease at once: the last writer wins; look again after this
 
-    def __init__(self, store: JobStore, owner: str, lease_s: float):
+    def __init__(self, store: JobStore, owner: str, lease_s: float, server: str = ""):
         self.store = store
         self.owner = owner
         self.lease_s = lease_s
+        self.server = server
 
     def acquire(self, poll_s: float = 0.5) -> float:
         """Wait until this replica holds the lease (blocking); return the seconds waited."""
         start = time.monotonic()
+        first: Lease | None = None  # the lease found held when this replica started to wait
         announced = False
         while True:
             current = self.store.read_lease()
@@ -313,9 +334,17 @@ class StoreLease:
                 held = self.store.read_lease()
                 if held is not None and held.owner == self.owner:
                     return time.monotonic() - start
-            elif not announced:
-                logger.info("job store %s: waiting for the lease of %s (expires in %.1f s)",
-                            self.store.description, current.owner, current.expires_at - time.time())
+            elif first is None:
+                first = current
+                logger.info("job store %s: waiting for the lease of %s (expires in %.1f s unless renewed)",
+                            self.store.description, current.holder(), current.expires_at - time.time())
+            elif not announced and current.expires_at > first.expires_at and current.server != self.server:
+                # Renewed while this replica waits, by another server: alive, it keeps it as long as it runs.
+                # (This server's own previous replica renews it too while it drains, then hands it over.)
+                logger.warning("job store %s is in use by %s, which keeps renewing its lease: this server waits "
+                               "until that one stops. To run both, give this one a store of its own (`jobs.store` "
+                               "in its config, e.g. another directory).",
+                               self.store.description, current.holder())
                 announced = True
             time.sleep(poll_s)
 
@@ -334,4 +363,17 @@ class StoreLease:
             self.store.delete_lease()
 
     def _write(self) -> None:
-        self.store.put_lease(Lease(owner=self.owner, expires_at=time.time() + self.lease_s))
+        self.store.put_lease(Lease(owner=self.owner, expires_at=time.time() + self.lease_s, host=socket.gethostname(),
+                                   pid=os.getpid(), server=self.server))
+
+
+def lease_holder(store: JobStore, server: str = "") -> str | None:
+    """Why this server's FluxJobs may not answer (for /health): who holds the store's lease, if anyone does
+    now; None when it is free or expired."""
+    lease = store.read_lease()
+    if lease is None or lease.expires_at <= time.time():
+        return None
+    if server and lease.server == server:
+        return f"the job store {store.description} is being handed over from {lease.holder()}"
+    return (f"the job store {store.description} is held by {lease.holder()}, and this server's FluxJobs waits "
+            f"for it; to run both servers give this one its own store (`jobs.store` in its config)")

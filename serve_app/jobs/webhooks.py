@@ -7,8 +7,16 @@
   ingress checks it at submit (400 WEBHOOK_FORBIDDEN); every delivery checks it again, resolves the
   host once and connects to exactly the addresses it checked (`net/pinned.py`, the backend LoRA
   downloads use), so a second DNS answer cannot move it.
-- Signature: `X-Flux-Signature: t=<unix seconds>,sha256=<hex of HMAC-SHA256(key = the secret's
-  text in UTF-8, "<t>." + the exact body bytes)>`, made anew for each attempt.
+- Signatures, made anew for each attempt (its own time):
+  - `X-Flux-Signature: t=<unix seconds>,sha256=<hex of HMAC-SHA256(key = the secret's text in UTF-8,
+    "<t>." + the exact body bytes)>`;
+  - Standard Webhooks: `webhook-id: msg_<request id>` (the same for every attempt of a delivery, and
+    after a FluxJobs restart: derived from the stored job), `webhook-timestamp: <unix seconds>`,
+    `webhook-signature: v1,<base64 of HMAC-SHA256(key = the Standard Webhooks key, "<id>.<timestamp>."
+    + the exact body bytes)>`. The key is what the `standardwebhooks` package's `Webhook(secret)`
+    derives from the secret's text: an optional `whsec_` dropped, the rest base64-decoded (padding
+    added, characters outside the alphabet skipped). A generated secret is `whsec_` + base64; a secret
+    that does not decode to a key is refused at start.
 - Delivery: the job's result body is POSTed; a 2xx answer delivers it. Any other answer (redirects
   are never followed), a connection error or a timeout is retried after `backoff_s`, doubling, up
   to `max_attempts` in all; each attempt may take at most `timeout_s`. FluxJobs runs deliveries on
@@ -21,6 +29,7 @@ No Ray here.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -44,6 +53,9 @@ from serve_app.schemas import WebhookStatus
 logger = logging.getLogger("ray.serve")
 
 SIGNATURE_HEADER = "X-Flux-Signature"
+ID_HEADER, TIMESTAMP_HEADER, STANDARD_SIGNATURE_HEADER = "webhook-id", "webhook-timestamp", "webhook-signature"
+SECRET_PREFIX = "whsec_"
+SECRET_FORM = "`whsec_` followed by base64, e.g. `whsec_` + the base64 of 32 random bytes (as `make serve` writes)"
 SECRET_BYTES = 32
 POST_THREADS = 16  # POSTs in flight at once per sender; more wait for a thread (their time starts then)
 
@@ -54,8 +66,9 @@ POST_THREADS = 16  # POSTs in flight at once per sender; more wait for a thread 
 def write_secret_file(path: str) -> bool:
     """Create `path` with a random secret unless it exists (owner-only); True when it was written.
 
-    The file holds the secret alone, 64 hex digits with no newline, so its exact text is the key a
-    receiver uses (e.g. `open(path).read()`); `load_secret` reads it back by the same rule as any file.
+    The file holds the secret alone, `whsec_` + the base64 of 32 random bytes with no newline, so its
+    exact text is what a receiver uses (e.g. `open(path).read()`): the X-Flux-Signature key, and the
+    secret `standardwebhooks.Webhook` takes. `load_secret` reads it back by the same rule as any file.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -63,7 +76,7 @@ def write_secret_file(path: str) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(secrets.token_hex(SECRET_BYTES))
+        f.write(SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii"))
     return True
 
 
@@ -72,23 +85,58 @@ def load_secret(args: WebhookArgs) -> str | None:
 
     One rule for both: the value's surrounding whitespace is stripped (a file saved with a final
     newline, `echo secret > file`, signs as the secret alone); what remains, in UTF-8, is the HMAC
-    key. Whitespace inside the secret is kept. A generated file (`write_secret_file`) has none to strip.
+    key of X-Flux-Signature. Whitespace inside the secret is kept. A generated file (`write_secret_file`)
+    has none to strip. The Standard Webhooks key is derived from that text (`standard_key`).
 
     Returns:
         None when webhooks are off (no allowed host).
 
     Raises:
-        RuntimeError: webhooks are on and neither holds a secret (FluxJobs then fails to start).
+        RuntimeError: webhooks are on and neither holds a secret, or the secret does not decode to a
+            Standard Webhooks key (FluxJobs then fails to start, with this message).
     """
     if not args.enabled:
         return None
-    secret = os.environ.get(args.secret_env, "").strip()
+    secret, where = os.environ.get(args.secret_env, "").strip(), f"${args.secret_env}"
     if not secret and args.secret_file and Path(args.secret_file).is_file():
-        secret = Path(args.secret_file).read_text(encoding="utf-8").strip()
+        secret, where = Path(args.secret_file).read_text(encoding="utf-8").strip(), args.secret_file
     if not secret:
         where = f"${args.secret_env}" + (f" or {args.secret_file}" if args.secret_file else "")
         raise RuntimeError(f"webhooks are enabled but no signing secret is set ({where})")
+    try:
+        standard_key(secret)
+    except ValueError:
+        raise RuntimeError(f"the webhook signing secret in {where} does not decode to a Standard Webhooks key: "
+                           f"expected {SECRET_FORM}") from None
     return secret
+
+
+def standard_key(secret: str) -> bytes:
+    """The Standard Webhooks key of a secret, exactly as `standardwebhooks.Webhook(secret)` derives it:
+    an optional `whsec_` dropped, the rest base64-decoded with padding added and characters outside the
+    base64 alphabet skipped. A 64-hex secret of earlier versions decodes too (hex digits are base64).
+
+    Raises:
+        ValueError: the text does not decode (not ASCII, a stray character count) or decodes to nothing.
+    """
+    try:
+        key = base64.b64decode(secret.removeprefix(SECRET_PREFIX) + "==")
+    except ValueError:  # binascii.Error is one; so is a character outside ASCII
+        key = b""
+    if not key:
+        raise ValueError(f"not a Standard Webhooks secret: expected {SECRET_FORM}")
+    return key
+
+
+def message_id(request_id: str) -> str:
+    """The `webhook-id` of a job's delivery: every attempt of it, before and after a restart, carries it."""
+    return f"msg_{request_id}"
+
+
+def sign_standard(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` value for `body` sent as message `msg_id` at `timestamp` (unix seconds)."""
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -159,13 +207,17 @@ class WebhookSender:
 
     Args:
         args: the webhooks args (policy, attempts, backoff, timeout).
-        secret: the signing secret.
+        secret: the signing secret (`load_secret`).
+
+    Raises:
+        ValueError: the secret does not decode to a Standard Webhooks key (`standard_key`).
     """
 
     def __init__(self, args: WebhookArgs, secret: str):
         self.args = args
         self.policy = WebhookPolicy(args)
         self._secret = secret
+        self._key = standard_key(secret)
         self._ssl = httpx.create_ssl_context()
         self._threads = ThreadPoolExecutor(POST_THREADS, thread_name_prefix="webhook")
 
@@ -174,13 +226,15 @@ class WebhookSender:
         return self.args.backoff_s * 2 ** max(attempts_done - 1, 0) if attempts_done else 0.0
 
     async def deliver(
-        self, url: str, body: bytes, state: WebhookStatus, on_attempt: Callable[[WebhookStatus], Awaitable[None]]
+        self, url: str, body: bytes, state: WebhookStatus, on_attempt: Callable[[WebhookStatus], Awaitable[None]],
+        msg_id: str,
     ) -> WebhookStatus:
         """Send `body` until it is delivered, refused by the policy, or `max_attempts` are spent.
 
         Args:
             url: the job's webhook_url.
             body: the exact bytes to POST (the job's result JSON).
+            msg_id: the `webhook-id` of every attempt (`message_id` of the job's request id).
             state: the delivery so far (a restarted FluxJobs resumes one).
             on_attempt: told the new state after each attempt (FluxJobs stores it).
 
@@ -190,7 +244,7 @@ class WebhookSender:
         while not state.delivered and state.attempts < self.args.max_attempts:
             await asyncio.sleep(self.backoff_s(state.attempts))
             try:
-                error = await self.attempt(url, body)
+                error = await self.attempt(url, body, msg_id)
             except _Refused as exc:
                 state = WebhookStatus(delivered=False, attempts=state.attempts + 1, last_error=str(exc))
                 await on_attempt(state)
@@ -199,7 +253,7 @@ class WebhookSender:
             await on_attempt(state)
         return state
 
-    async def attempt(self, url: str, body: bytes) -> str | None:
+    async def attempt(self, url: str, body: bytes, msg_id: str) -> str | None:
         """One POST. Returns None when delivered, else why not (retried); raises _Refused (not retried)."""
         try:
             target = await asyncio.to_thread(self.policy.check, url)
@@ -208,7 +262,7 @@ class WebhookSender:
         except OSError:
             return "the host name does not resolve"
         try:
-            status = await asyncio.get_running_loop().run_in_executor(self._threads, self._post, target, body)
+            status = await asyncio.get_running_loop().run_in_executor(self._threads, self._post, target, body, msg_id)
         except (TimeoutError, httpcore.TimeoutException):
             return f"no answer within {self.args.timeout_s:g} s"
         except httpcore.ConnectError:
@@ -221,16 +275,20 @@ class WebhookSender:
             return f"HTTP {status} (redirects are not followed)"
         return f"HTTP {status}"
 
-    def _post(self, target: Target, body: bytes) -> int:
+    def _post(self, target: Target, body: bytes, msg_id: str) -> int:
         """One POST (blocking); the pinned backend ends every wait `timeout_s` after it starts."""
         deadline = time.monotonic() + self.args.timeout_s
         parts = target.parts
+        now = int(time.time())
         headers = [
             (b"Host", parts.netloc.encode()),
             (b"User-Agent", b"flux-serve"),
             (b"Content-Type", b"application/json"),
             (b"Content-Length", str(len(body)).encode()),
-            (SIGNATURE_HEADER.encode(), sign(self._secret, body, int(time.time())).encode()),
+            (SIGNATURE_HEADER.encode(), sign(self._secret, body, now).encode()),
+            (ID_HEADER.encode(), msg_id.encode()),
+            (TIMESTAMP_HEADER.encode(), str(now).encode()),
+            (STANDARD_SIGNATURE_HEADER.encode(), sign_standard(self._key, msg_id, now, body).encode()),
         ]
         url = httpcore.URL(scheme=parts.scheme, host=parts.host, port=parts.port, target=parts.target)
         timeouts = dict.fromkeys(("connect", "read", "write", "pool"), self.args.timeout_s)

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import uuid
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -34,14 +35,21 @@ logger = logging.getLogger("ray.serve")
 MAX_WAIT_S = 30.0  # the longest a wait_change call is held open
 
 
+def server_name() -> str:
+    """This server, as a job store's lease names its holder: the Serve app and its Ray cluster (called in a
+    replica). Two `make serve` from one checkout are two Ray clusters: two servers on the same store."""
+    return f"app {serve.get_replica_context().app_name!r} of the Ray cluster at {ray.get_runtime_context().gcs_address}"
+
+
 class FluxJobs:
     def __init__(self, generators: dict[str, DeploymentHandle], args: AppArgs):
-        self.store = open_store(args.jobs)
-        owner = f"{serve.get_replica_context().replica_id.unique_id}-{uuid.uuid4().hex[:8]}"
-        self.lease = StoreLease(self.store, owner, args.jobs.lease_s)
-        waited = self.lease.acquire()
+        # A missing or undecodable webhook secret fails the start with load_secret's message, before the lease
         secret = load_secret(args.webhooks)
         webhooks = WebhookSender(args.webhooks, secret) if secret else None
+        self.store = open_store(args.jobs)
+        owner = f"{serve.get_replica_context().replica_id.unique_id}-{uuid.uuid4().hex[:8]}"
+        self.lease = StoreLease(self.store, owner, args.jobs.lease_s, server_name())
+        waited = self.lease.acquire()
         dispatch = Generators(generators, args.limits.retry_after_s)
         self.manager = JobManager(self.store, args, dispatch.run_one, {m.id for m in args.models}, webhooks)
         report = self.manager.restore()

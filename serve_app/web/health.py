@@ -8,13 +8,32 @@ to it, so the probe never counts as traffic that would start a replica. States:
 - `starting`: no replica yet, and the autoscaler is bringing one up (a request woke it);
 - `unavailable`: anything else (deploying, failing its health checks, not answering).
 `unavailable` makes /health 503; the other three do not.
+
+`HealthProbe` is the whole check, bounded: it answers within `HEALTH_BUDGET_S` whatever happens (a
+controller that does not answer, a replica on a node that died, FluxJobs waiting for the job store's
+lease), so a load balancer's probe never times out on it. No Ray here: the ingress gives it Serve's
+status and the pings (serving/ingress.py), the unit tests give it fakes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
+from serve_app.config import ModelArgs
 from serve_app.schemas import HealthResponse, ModelHealth
+
+logger = logging.getLogger("ray.serve")
+
+HEALTH_BUDGET_S = 1.5  # the longest /health takes, all of it (probes commonly time out at 2 s)
+STATUS_TIMEOUT_S = 1.0  # the longest it waits on Serve's status; then the last one read is used
+STATUS_MAX_AGE_S = 30.0  # ... if it is at most this old (a replica on a dead node fails its ping anyway)
+PING_HEDGE_S = 0.25  # a ping unanswered this long gets a second one beside it (a hung replica is not the only one)
+CAUSE_TIMEOUT_S = 0.3  # the end of the budget, kept to look for why FluxJobs does not answer (its store's lease)
 
 # Serve's ReplicaState, DeploymentStatus and DeploymentStatusTrigger values: str enums of its
 # private module, compared here as the text they equal.
@@ -41,8 +60,125 @@ def model_health(overview: Any | None) -> ModelHealth:
     return ModelHealth(state="unavailable", replicas=0)
 
 
-def health_response(models: dict[str, ModelHealth], jobs_ok: bool) -> HealthResponse:
+def health_response(models: dict[str, ModelHealth], jobs_ok: bool, causes: dict[str, str] | None = None
+                    ) -> HealthResponse:
     unavailable = [model for model, health in models.items() if health.state == "unavailable"]
     if not jobs_ok:
         unavailable.append("jobs")
-    return HealthResponse(status="unhealthy" if unavailable else "healthy", models=models, unavailable=unavailable)
+    causes = {name: why for name, why in (causes or {}).items() if name in unavailable}
+    return HealthResponse(status="unhealthy" if unavailable else "healthy", models=models, unavailable=unavailable,
+                          causes=causes)
+
+
+Ping = Callable[[], Awaitable[Any]]
+
+
+class HealthProbe:
+    """/health, bounded by `budget_s` (module docstring).
+
+    Args:
+        models: the served models.
+        jobs_deployment: FluxJobs' deployment name in Serve's status.
+        read_status: Serve's status of this app, blocking: deployment name -> its overview. Run on a
+            thread, one call at a time: a probe that finds one running waits on it rather than start another.
+        ping_model: sends one ping to a model's generator deployment.
+        ping_jobs: sends one ping to FluxJobs.
+        jobs_cause: blocking; why FluxJobs does not answer where it can tell (the job store's lease
+            holder), or None.
+    """
+
+    def __init__(self, models: list[ModelArgs], jobs_deployment: str, read_status: Callable[[], Mapping[str, Any]],
+                 ping_model: Callable[[str], Awaitable[Any]], ping_jobs: Ping,
+                 jobs_cause: Callable[[], str | None] = lambda: None, budget_s: float = HEALTH_BUDGET_S,
+                 status_timeout_s: float = STATUS_TIMEOUT_S, hedge_s: float = PING_HEDGE_S):
+        self.models = models
+        self.jobs_deployment = jobs_deployment
+        self._read_status = read_status
+        self._ping_model = ping_model
+        self._ping_jobs = ping_jobs
+        self._jobs_cause = jobs_cause
+        self.budget_s = budget_s
+        self.status_timeout_s = min(status_timeout_s, budget_s)
+        self.hedge_s = hedge_s
+        self._status_call: asyncio.Future[Mapping[str, Any]] | None = None
+        self._last_status: tuple[float, Mapping[str, Any]] | None = None
+        self._cause_call: asyncio.Future[str | None] | None = None
+
+    async def check(self) -> HealthResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.budget_s
+        deployments = await self._status(min(deadline, loop.time() + self.status_timeout_s))
+        models = {m.id: model_health(None if deployments is None else deployments.get(m.deployment_name))
+                  for m in self.models}
+        ready = [model for model, health in models.items() if health.state == "ready"]
+        jobs_running = deployments is None or model_health(deployments.get(self.jobs_deployment)).state == "ready"
+        pings_until = deadline - min(CAUSE_TIMEOUT_S, self.budget_s / 4)  # the rest: time to find a cause
+        checks = [_answered(partial(self._ping_model, model), pings_until, self.hedge_s) for model in ready]
+        if jobs_running:
+            checks.append(_answered(self._ping_jobs, pings_until, self.hedge_s))
+        answers = await asyncio.gather(*checks)
+        for model, answered in zip(ready, answers):
+            if not answered:
+                models[model] = models[model].model_copy(update={"state": "unavailable"})
+        jobs_ok = jobs_running and answers[-1]
+        causes = {}
+        if deployments is None:
+            causes.update({m.id: "Serve's status did not come in time" for m in self.models})
+        if not jobs_ok:
+            cause = await self._cause(deadline)
+            if cause:
+                causes["jobs"] = cause
+        return health_response(models, jobs_ok, causes)
+
+    async def _status(self, deadline: float) -> Mapping[str, Any] | None:
+        """Serve's status of the app, or the last one read if it does not come by `deadline` (None: neither)."""
+        loop = asyncio.get_running_loop()
+        if self._status_call is None or self._status_call.done():
+            self._status_call = asyncio.ensure_future(asyncio.to_thread(self._read_status))
+        try:
+            deployments = await asyncio.wait_for(asyncio.shield(self._status_call), max(0.0, deadline - loop.time()))
+        except Exception as exc:  # too slow, or the controller is unreachable
+            logger.warning("health: Serve's status is unavailable (%s)", type(exc).__name__)
+            if self._last_status is not None and time.monotonic() - self._last_status[0] <= STATUS_MAX_AGE_S:
+                return self._last_status[1]
+            return None
+        self._last_status = (time.monotonic(), deployments)
+        return deployments
+
+    async def _cause(self, deadline: float) -> str | None:
+        loop = asyncio.get_running_loop()
+        if self._cause_call is None or self._cause_call.done():
+            self._cause_call = asyncio.ensure_future(asyncio.to_thread(self._jobs_cause))
+        timeout = max(0.0, deadline - loop.time())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._cause_call), timeout)
+        except Exception:
+            return None
+
+
+async def _answered(send: Ping, deadline: float, hedge_s: float) -> bool:
+    """Whether a ping is answered by `deadline`. A ping unanswered after `hedge_s` gets another beside it, and
+    one that fails (a replica that died answers at once with an error) another at once: Serve routes each
+    new one by its replicas' queue probes, which a replica that is gone does not answer."""
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Future[Any]] = set()
+    last_sent = -1.0
+    try:
+        while (remaining := deadline - loop.time()) > 0:
+            if not pending or loop.time() - last_sent >= hedge_s:
+                pending.add(asyncio.ensure_future(_awaited(send)))
+                last_sent = loop.time()
+            done, pending = await asyncio.wait(pending, timeout=min(remaining, hedge_s),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if any(not f.cancelled() and f.exception() is None for f in done):
+                return True
+            if done and not pending:  # every ping so far failed: a breath before the next one
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        return False
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+async def _awaited(send: Ping) -> Any:
+    return await send()

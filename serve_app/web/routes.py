@@ -1,11 +1,11 @@
 """The HTTP routes (docs/api.md): thin, typed, and independent of the ingress class.
 
-Each route takes the request's service from `request.app.state` (as vLLM's routers do) and returns
-the response model it declares. `build_api` assembles one FastAPI app per ingress replica (Serve
-asks each replica for its app), with the middleware its args call for. Every error leaves in one
-envelope: {"error": {"code", "message", "details"}} (`errors.ApiError.to_body`). The playground's
-routes (`serving/playground.py`: `/` and its files) need no key, as /health; nor do /openapi.json and its
-page, /docs (`web/apidocs.py`: Swagger UI from the package, so it works offline).
+Each route takes the request's service (`web/service.py`'s IngressService) from `request.app.state` (as
+vLLM's routers do) and returns the response model it declares. `build_api` assembles one FastAPI app per
+ingress replica (Serve asks each replica for its app), with the middleware its args call for. Every error
+leaves in one envelope: {"error": {"code", "message", "details"}} (`errors.ApiError.to_body`). The
+playground's routes (`web/playground.py`: `/` and its files) need no key, as /health; nor do /openapi.json
+and its page, /docs (`web/apidocs.py`: Swagger UI from the package, so it works offline).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from serve_app.web.guards import check_api_key, request_timeout
 from serve_app.web.middleware import BodySizeLimit, ReplicaHeader, api_error_response, validation_error_response
 
 
-class IngressService(Protocol):
-    """What the routes need from the ingress (serving/ingress.py implements it)."""
+class ApiService(Protocol):
+    """What the routes need from their service: `web/service.IngressService` in the app, or a test's own."""
 
     async def submit(self, body: InferenceRequest, timeout_s: float) -> SubmitResponse: ...
 
@@ -63,7 +63,7 @@ class IngressService(Protocol):
     async def health(self) -> HealthResponse: ...
 
 
-def service(request: Request) -> IngressService:
+def service(request: Request) -> ApiService:
     return request.app.state.service
 
 
@@ -164,8 +164,8 @@ async def health(ingress=Depends(service)):
     return JSONResponse(answer.model_dump(), status_code=200 if answer.status == "healthy" else 503)
 
 
-def build_api(ingress: IngressService, args: AppArgs, api_key: str | None, replica: str) -> FastAPI:
-    """The ASGI app of one ingress replica."""
+def build_api(ingress: ApiService, args: AppArgs, api_key: str | None, replica: str) -> FastAPI:
+    """The ASGI app of one ingress replica, over its service (`web/service.IngressService`)."""
     api = FastAPI(
         title="flux-serve",
         docs_url=None,  # apidocs.router serves /docs without a CDN

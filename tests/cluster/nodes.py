@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from tests.serve.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -39,6 +39,28 @@ FAST_FAILURE_DETECTION = {
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
 }
+
+
+# Ports are taken below Linux's ephemeral range (32768-60999 by default), where no outgoing connection of
+# the many this cluster makes can take one between its choice and the bind, and each is handed out once.
+PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
+def node_port() -> int:
+    """A port free on every interface now, outside the ephemeral range, never handed out before."""
+    for _ in range(1000):
+        port = random.randrange(*PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {PORT_RANGE}")
 
 
 def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -77,18 +99,47 @@ class RayNode:
         return self.process is not None and self.process.poll() is None
 
     def kill(self) -> None:
-        """The node is lost: SIGKILL to its whole process group, nothing is told to shut down."""
+        """The node is lost: SIGKILL, at once, to its process group and every process under it (Ray's
+        workers, the replicas among them, run in process groups of their own), nothing told to shut down."""
+        tree = self.tree()
         self._signal_group(signal.SIGKILL)
+        _kill_all(tree)
         self._wait(10)
 
-    def stop(self, timeout_s: float = 30) -> None:
-        """Stop the node: SIGTERM to its group (`ray start --block` then stops its processes), SIGKILL after."""
-        if self.process is None:
-            return
+    def terminate(self) -> list[tuple[int, str]]:
+        """Ask the node to stop (SIGTERM to its group: `ray start --block` then stops its processes); the
+        processes under it as they were, for `finish`."""
+        tree = self.tree()
         self._signal_group(signal.SIGTERM)
-        if not self._wait(timeout_s):
+        return tree
+
+    def finish(self, tree: list[tuple[int, str]], timeout_s: float = 10) -> None:
+        """After `terminate`: wait for the node to stop, then SIGKILL whatever of it is left."""
+        if self.process is not None and not self._wait(timeout_s):
             self._signal_group(signal.SIGKILL)
-            self._wait(10)
+            self._wait(5)
+        _kill_all(tree)
+
+    def stop(self, timeout_s: float = 10) -> None:
+        self.finish(self.terminate(), timeout_s)
+
+    def tree(self) -> list[tuple[int, str]]:
+        """(pid, start time) of every process under this node's `ray start`: its process group's and the
+        workers' that the raylet put in groups of their own. The start time tells a reused pid apart."""
+        if self.process is None:
+            return []
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+                children.setdefault(stat[0], []).append(int(entry.name))
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            for child in children.get(pid, []):
+                if (stat := _stat(child)) is not None:
+                    found.append((child, stat[1]))
+                    todo.append(child)
+        return found
 
     def _signal_group(self, sig: int) -> None:
         if self.process is None:
@@ -115,6 +166,26 @@ class RayNode:
         return False
 
 
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a process, from /proc; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[19]
+
+
+def _kill_all(tree: list[tuple[int, str]]) -> None:
+    """SIGKILL each process of `tree` that is still the one recorded (same pid and start time)."""
+    for pid, started in tree:
+        stat = _stat(pid)
+        if stat is not None and stat[1] == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @dataclass
 class LocalCluster:
     """A head (no GPU: the ingress, FluxJobs, Serve's controller and proxy) and GPU-less workers that
@@ -122,8 +193,8 @@ class LocalCluster:
 
     directory: Path
     env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    dashboard_port: int = field(default_factory=free_port)
+    port: int = field(default_factory=node_port)
+    dashboard_port: int = field(default_factory=node_port)
     head: RayNode | None = None
     workers: dict[str, RayNode] = field(default_factory=dict)
 
@@ -137,10 +208,10 @@ class LocalCluster:
 
     def _node_ports(self) -> list[str]:
         return [
-            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--node-manager-port", str(node_port()), "--object-manager-port", str(node_port()),
             "--min-worker-port", "0", "--max-worker-port", "0",  # 0: each worker takes a port the OS gives
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(node_port()), "--dashboard-agent-grpc-port", str(node_port()),
+            "--runtime-env-agent-port", str(node_port()), "--metrics-export-port", str(node_port()),
             "--object-store-memory", str(OBJECT_STORE_BYTES), "--node-ip-address", "127.0.0.1",
             "--disable-usage-stats",
         ]
@@ -150,7 +221,7 @@ class LocalCluster:
         temp_dir.mkdir(parents=True, exist_ok=True)
         args = ["--head", "--port", str(self.port), "--num-cpus", str(num_cpus), "--num-gpus", "0",
                 "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()),
+                "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(node_port()),
                 "--temp-dir", str(temp_dir), *self._node_ports()]
         self.head = RayNode("head", args, self.env, self.directory / "head.log", self.directory).start()
         return self.head
@@ -172,25 +243,26 @@ class LocalCluster:
         self.workers[name] = node
         return node
 
-    def stop(self) -> None:
-        for node in self.workers.values():
-            node.stop()
-        if self.head is not None:
-            self.head.stop()
+    def stop(self, grace_s: float = 10) -> None:
+        """Stop every node at once (workers, then the head), each by its own process group."""
+        nodes = [node for node in [*self.workers.values(), self.head] if node is not None and node.process]
+        trees = [node.terminate() for node in nodes]
+        deadline = time.monotonic() + grace_s  # one grace period for all, then SIGKILL to what is left
+        for node, tree in zip(nodes, trees):
+            node.finish(tree, max(0.1, deadline - time.monotonic()))
 
     # ---- what Ray reports --------------------------------------------------------------------
 
     def alive_nodes(self) -> dict[str, str]:
-        """Node id -> node name (`head` or the worker's name) of every node Ray counts alive."""
-        nodes = self._get("/nodes?view=summary")["data"]["summary"]
+        """Node id -> node name (`head` or the worker's name) of every node Ray's state API counts alive."""
+        from ray.util.state import list_nodes
+
         named = {}
-        for node in nodes:
-            raylet = node["raylet"]
-            if raylet.get("state") != "ALIVE":
-                continue
-            resources = raylet.get("resourcesTotal", {})
-            name = "head" if raylet.get("isHeadNode") else next((n for n in self.workers if n in resources), "?")
-            named[raylet["nodeId"]] = name
+        for node in list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], detail=True,
+                               raise_on_missing_output=False):
+            resources = node.resources_total or {}
+            name = "head" if node.is_head_node else next((n for n in self.workers if n in resources), "?")
+            named[node.node_id] = name
         return named
 
     def wait_nodes(self, names: set[str], timeout_s: float = 60) -> dict[str, str]:
@@ -202,7 +274,7 @@ class LocalCluster:
                 last = self.alive_nodes()
                 if set(last.values()) == names:
                     return last
-            except (httpx.HTTPError, KeyError, ValueError) as exc:
+            except Exception as exc:  # the dashboard is still starting
                 last = exc
             for node in [self.head, *self.workers.values()]:
                 if node is not None and node.starts and not node.alive and node.name in names:
@@ -215,10 +287,19 @@ class LocalCluster:
         return self._get("/api/serve/applications/")
 
     def replicas(self, deployment: str, app: str = "flux") -> list[dict]:
-        application = self.serve_details().get("applications", {}).get(app)
+        """Serve's replicas of a deployment (replica_id, state, node_id, log_file_path, ...)."""
+        application = (self.serve_details().get("applications") or {}).get(app)
         if not application:
             return []
         return application["deployments"].get(deployment, {}).get("replicas", [])
+
+    def replica_log(self, replica: dict, deployment: str = "", app: str = "flux") -> Path:
+        """A replica's own log file, in the session's logs directory, which every node of this machine shares
+        with the head: Serve's `log_file_path` (relative to it), or by its name while it starts."""
+        [logs] = (self.directory / "ray").glob("session_2*/logs")
+        if "log_file_path" in replica:
+            return logs / replica["log_file_path"].lstrip("/")
+        return logs / "serve" / f"replica_{app}_{deployment}_{replica['replica_id']}.log"
 
     def _get(self, path: str) -> Any:
         answer = httpx.get(self.dashboard + path, timeout=10)

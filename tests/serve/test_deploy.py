@@ -25,7 +25,7 @@ from tests.support.doc_commands import doc_commands
 from tests.support.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ["deploy/local.yaml", "deploy/flux-dev.yaml"]
+CONFIGS = ["deploy/local.yaml", "deploy/flux-dev.yaml", "deploy/cluster-local.yaml"]
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -58,6 +58,26 @@ def test_flux_stays_the_exact_reference_model_everywhere(path):
     args = AppArgs.model_validate(config["applications"][0]["args"])
     flux = args.model("flux")
     assert flux is not None and flux.kind == "reference" and flux.speed == "exact"
+
+
+def test_the_one_machine_cluster_config_keeps_flux_dev_shape_on_a_test_cluster():
+    """cluster-local.yaml (tests/cluster/ deploy it): the ingress and FluxJobs on the head, one generator
+    replica per GPU worker, no key and loopback only, its files under .flux-serve/cluster/."""
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy/cluster-local.yaml").read_text()))
+    assert config.proxy_location == "HeadOnly" and config.http_options.host == "127.0.0.1"
+    app = config.applications[0]
+    deployments = {d.name: d for d in app.deployments}
+    for name in ("FluxIngress", "FluxJobs"):
+        assert deployments[name].ray_actor_options.num_cpus == 0
+        assert "node:__internal_head__" in deployments[name].ray_actor_options.resources
+    generator = deployments["FluxGenerator-flux"]
+    assert (generator.num_replicas, generator.max_replicas_per_node) == (2, 1)
+    assert generator.ray_actor_options.num_gpus == 1
+    args = AppArgs.model_validate(app.args)
+    assert [(m.id, m.source, m.device) for m in args.models] == [("flux", "tiny", "cpu")]
+    assert not (args.auth.api_key_env or args.auth.api_key_file)
+    for path in (args.loras.root, args.loras.cache_dir, args.jobs.store):
+        assert path.startswith(".flux-serve/cluster/")
 
 
 def test_the_cluster_config_adds_a_compiled_model_beside_flux():

@@ -1,8 +1,12 @@
-"""Guards: limits, auth, backpressure, and timeouts and cancel that really stop work (issue 6)."""
+"""Guards over Serve (issue 6): the API key a replica reads at start, and timeouts and cancel that really stop
+the pipeline's work.
+
+The guards' HTTP rules (401 for every route, limits, body size, the timeout header, the 503s of backpressure
+with Retry-After, the 504 shape) run without Ray in tests/unit/web/test_guards.py.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import time
@@ -16,7 +20,7 @@ from serve_app import errors
 from tests.serve import helpers
 from tests.serve.helpers import app_args, calls, deploy_app, generator_state, steps_run
 
-pytestmark = pytest.mark.serve
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -28,12 +32,7 @@ LONG = {"width": 1024, "height": 1024, "sample_steps": 150}  # many seconds on t
 def url(serve_url, lora_root, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("secret") / "api-key"
     key_file.write_text(KEY + "\n")
-    args = app_args(
-        lora_root,
-        auth={"api_key_file": str(key_file)},
-        limits={"max_prompts_per_request": 4, "max_body_bytes": 20_000, "max_pending_jobs": 6,
-                "max_pending_items": 6, "max_sync_items_per_ingress": 4, "retry_after_s": 3},
-    )
+    args = app_args(lora_root, auth={"api_key_file": str(key_file)})
     # A batch window, so that two jobs submitted together share a pipeline call.
     options = {"user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.3}}
     return deploy_app(serve_url, args, generator=options)
@@ -41,7 +40,6 @@ def url(serve_url, lora_root, tmp_path_factory):
 
 def request(prompts=None, **extra) -> dict:
     return {"model": "flux", "prompts": prompts or [{"prompt": "a photo", **SMALL}], **extra}
-
 
 
 def wait_status(url, request_id, wanted, timeout_s=60) -> dict:
@@ -73,107 +71,11 @@ def wait_idle(settle_s: float = 0.5) -> int:
 # ---- auth ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"},
-                                     {"Authorization": KEY}], ids=["missing", "wrong-bearer", "wrong-header", "no-scheme"])
-def test_a_missing_or_wrong_key_is_401(url, headers):
-    for method, path in (("POST", "/v1/generate"), ("POST", "/v1/inference"), ("GET", "/v1/models"),
-                         ("GET", "/v1/requests/x/status")):
-        answer = httpx.request(method, f"{url}{path}", json=request(), headers=headers, timeout=30)
-        assert answer.status_code == 401, (path, answer.text)
-        assert answer.json()["error"]["code"] == errors.UNAUTHORIZED
-
-
-@pytest.mark.parametrize("headers", [AUTH, {"X-API-Key": KEY}], ids=["bearer", "x-api-key"])
-def test_the_right_key_is_served(url, headers):
-    answer = httpx.post(f"{url}/v1/generate", json=request(), headers=headers, timeout=60)
-    assert answer.status_code == 200, answer.text
-
-
-def test_health_stays_open(url):
-    assert httpx.get(f"{url}/health").status_code == 200
-
-
-# ---- limits ----------------------------------------------------------------------------------
-
-
-def test_prompt_count_just_under_and_just_over(url):
-    four = httpx.post(f"{url}/v1/generate", json=request([{"prompt": "a", **SMALL}] * 4), headers=AUTH, timeout=60)
-    assert four.status_code == 200
-    five = httpx.post(f"{url}/v1/generate", json=request([{"prompt": "a", **SMALL}] * 5), headers=AUTH)
-    assert five.status_code == 400
-    assert five.json()["error"]["details"] == {"limit": "max_prompts_per_request", "max": 4, "value": 5, "field": "prompts"}
-
-
-def test_body_size_just_under_and_just_over(url):
-    def body_of(size: int) -> bytes:
-        base = request(prompts=[{"prompt": "", **SMALL}], pad="")  # unknown fields are ignored
-        filler = size - len(httpx.Request("POST", url, json=base).content)
-        base["pad"] = "x" * filler
-        data = httpx.Request("POST", url, json=base).content
-        assert len(data) == size
-        return data
-
-    headers = {**AUTH, "content-type": "application/json"}
-    under = httpx.post(f"{url}/v1/generate", content=body_of(20_000), headers=headers, timeout=60)
-    assert under.status_code == 200, under.text
-    over = httpx.post(f"{url}/v1/generate", content=body_of(20_001), headers=headers)
-    assert over.status_code == 413
-    assert over.json()["error"]["code"] == errors.BODY_TOO_LARGE
-
-
-def test_a_chunked_body_over_the_limit_is_413_and_under_it_is_served(url):
-    """No Content-Length: the body arrives in chunks and is counted as it comes."""
-    def chunked(size: int):
-        body = request()
-        data = httpx.Request("POST", url, json=body).content
-        padded = data[:-1] + b', "pad": "' + b"x" * (size - len(data) - 11) + b'"}'
-        assert len(padded) == size
-        return (padded[i:i + 4096] for i in range(0, len(padded), 4096))
-
-    headers = {**AUTH, "content-type": "application/json"}
-    over = httpx.post(f"{url}/v1/generate", content=chunked(60_000), headers=headers, timeout=60)
-    assert over.status_code == 413, over.text
-    assert over.json()["error"]["code"] == errors.BODY_TOO_LARGE
-    under = httpx.post(f"{url}/v1/generate", content=chunked(19_000), headers=headers, timeout=60)
-    assert under.status_code == 200, under.text
-
-
-def test_timeout_header_must_be_a_positive_number(url):
-    answer = httpx.post(f"{url}/v1/generate", json=request(), headers={**AUTH, "X-Flux-Timeout": "soon"})
-    assert answer.status_code == 422
-
-
-# ---- backpressure ------------------------------------------------------------------------------
-
-
-def test_an_async_burst_gets_some_503s_and_loses_no_accepted_job(url):
-    async def burst():
-        async with httpx.AsyncClient(headers=AUTH, timeout=60) as client:
-            body = request([{"prompt": "burst", "width": 128, "height": 128, "sample_steps": 20}])
-            return await asyncio.gather(*(client.post(f"{url}/v1/inference", json=body) for _ in range(16)))
-
-    answers = asyncio.run(burst())
-    accepted = [a.json()["request_id"] for a in answers if a.status_code == 200]
-    refused = [a for a in answers if a.status_code == 503]
-    assert len(accepted) + len(refused) == 16
-    assert refused and accepted
-    print(f"async burst of 16: {len(accepted)} accepted, {len(refused)} refused with 503")
-    for answer in refused:
-        assert answer.headers["Retry-After"] == "3"
-        assert answer.json()["error"]["code"] == errors.OVERLOADED
-    for request_id in accepted:
-        assert wait_status(url, request_id, ("succeeded", "failed", "canceled"))["status"] == "succeeded"
-
-
-def test_a_sync_burst_gets_some_503s_and_the_rest_succeed(url):
-    async def burst():
-        async with httpx.AsyncClient(headers=AUTH, timeout=60) as client:
-            body = request([{"prompt": "burst", "width": 128, "height": 128, "sample_steps": 10}])
-            return await asyncio.gather(*(client.post(f"{url}/v1/generate", json=body) for _ in range(8)))
-
-    statuses = sorted(a.status_code for a in asyncio.run(burst()))
-    assert set(statuses) == {200, 503}
-    print(f"sync burst of 8: {statuses.count(200)} served, {statuses.count(503)} refused with 503")
+def test_the_key_from_the_file_is_required_and_served(url):
+    missing = httpx.post(f"{url}/v1/generate", json=request(), timeout=30)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == errors.UNAUTHORIZED
+    assert httpx.post(f"{url}/v1/generate", json=request(), headers=AUTH, timeout=60).status_code == 200
+    assert httpx.get(f"{url}/health").status_code == 200  # no key
 
 
 # ---- timeouts and cancel -------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from bench.compare import choose_pixel_budget
 from bench.load import Run, Sample, Shape, parse_shapes, percentile, summarize
 from tests.unit.preview_goldens import GOLDEN_DIR, GOLDENS, KERNEL_NOISE, RESIDUAL, load_golden, needs_goldens
@@ -39,6 +41,7 @@ def test_the_budget_is_the_largest_call_size_with_no_loss_at_or_below_it():
     assert choose_pixel_budget(rows, tolerance=1.0) == 2 * 128 * 128
 
 
+@pytest.mark.slow  # every phase of the benchmark, on the small model
 def test_the_gpu_benchmark_runs_every_phase_in_smoke_mode(tmp_path):
     """`bench/flux_fast_gpu.py --smoke`: every phase on the small model, so the device script cannot rot.
 

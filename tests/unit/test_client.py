@@ -41,6 +41,7 @@ def test_the_clients_request_for_a_job_config():
 # ---- the shipped example -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the client as a subprocess of its own
 def test_the_shipped_example_is_a_preview_make_serve_accepts():
     """examples/preview_job.yaml with the demo LoRA is a valid /v1/previews body, and deploy/local.yaml's
     server turns it into work: a served preview model, small images, the demo LoRA where the app writes it."""
@@ -137,17 +138,20 @@ def closed_port() -> int:
         return s.getsockname()[1]  # nothing listens there once it is closed
 
 
+@pytest.mark.slow  # the client as a subprocess of its own
 def test_a_missing_config_file(tmp_path):
     missing = tmp_path / "x.yaml"
     line = one_error_line(run_client("preview", "--config", str(missing)))
     assert line == f"error: cannot read config {missing}: No such file or directory"
 
 
+@pytest.mark.slow  # the client as a subprocess of its own
 def test_an_unreadable_config_file(tmp_path):
     line = one_error_line(run_client("preview", "--config", str(tmp_path)))  # a directory
     assert line == f"error: cannot read config {tmp_path}: Is a directory"
 
 
+@pytest.mark.slow  # the client as a subprocess of its own
 def test_a_config_that_is_not_yaml(tmp_path):
     config = tmp_path / "broken.yaml"
     config.write_text("config: [\n  name: x\n")
@@ -157,6 +161,7 @@ def test_a_config_that_is_not_yaml(tmp_path):
 
 @pytest.mark.parametrize("text", ["config:\n  name: x\n  process:\n    - type: sd_trainer\n",
                                   "just a string\n", "config:\n  process: {sample: {prompts: [x]}}\n", ""])
+@pytest.mark.slow  # the client as a subprocess of its own
 def test_a_config_without_a_sample_section(tmp_path, text):
     config = tmp_path / "job.yaml"
     config.write_text(text)
@@ -164,12 +169,14 @@ def test_a_config_without_a_sample_section(tmp_path, text):
     assert line.startswith(f"error: config {config}: no `sample:` section") and "config.process[0].sample" in line
 
 
+@pytest.mark.slow  # the client as a subprocess of its own
 def test_an_unknown_model_prints_the_servers_code_and_message(server, tmp_path):
     line = one_error_line(run_client("a cat", "--url", server.url, "--model", "nope", "--out", str(tmp_path / "a.jpg")))
     assert line == "error: MODEL_NOT_FOUND: model 'nope' is not served here; available: ['flux']"
     assert not (tmp_path / "a.jpg").exists()
 
 
+@pytest.mark.slow  # the client as a subprocess of its own
 def test_any_error_answer_prints_its_code_and_message(server, tmp_path):
     server.answers["/v1/previews"] = error_answer(
         422, "VALIDATION_ERROR", "body.sample.width: Input should be less than or equal to 4096\n(one more line)")
@@ -182,6 +189,7 @@ def test_any_error_answer_prints_its_code_and_message(server, tmp_path):
     assert line == "error: HTTP 502: <html> <h1>Bad Gateway</h1> </html>"
 
 
+@pytest.mark.slow  # the client as a subprocess of its own
 def test_an_unreachable_server(tmp_path):
     port = closed_port()
     for argv in (["a cat"], ["preview", "--config", str(EXAMPLE)]):
@@ -189,6 +197,7 @@ def test_an_unreachable_server(tmp_path):
         assert line.startswith(f"error: cannot connect to http://127.0.0.1:{port} (") and "refused" in line
 
 
+@pytest.mark.slow  # the client as a subprocess of its own
 def test_images_land_under_out_by_default(server, tmp_path):
     """What the examples write goes to out/ (ignored by git) unless --out says otherwise."""
     result = run_client("a cat", "--url", server.url, "--format", "png", cwd=tmp_path)

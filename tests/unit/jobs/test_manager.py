@@ -13,6 +13,7 @@ import uuid
 from dataclasses import replace
 
 import pytest
+import standardwebhooks
 from botocore.exceptions import EndpointConnectionError
 
 from serve_app import errors
@@ -30,6 +31,7 @@ from tests.support.receiver import Receiver
 
 METADATA = ResultMetadata(model="flux", base_model="black-forest-labs/FLUX.1-dev")
 HOOKS = WebhookArgs(allowed_hosts=["127.0.0.1"], allow_private_addresses=True, backoff_s=0.1, timeout_s=1.0)
+HOOKS_SECRET = "whsec_c2VjcmV0IG9mIHRoZSBtYW5hZ2VyIHRlc3Rz"
 
 
 class Generators:
@@ -419,13 +421,15 @@ def test_images_left_without_a_record_are_deleted_on_restore(tmp_path):
 
 
 def test_a_webhook_not_delivered_before_a_restart_is_delivered_after_it(tmp_path):
-    """FluxJobs stores each attempt: its successor resumes the delivery where it stopped."""
+    """FluxJobs stores each attempt: its successor resumes the delivery where it stopped, as the same
+    message (the same webhook-id)."""
     args = AppArgs(jobs=JobArgs(store=str(tmp_path)), webhooks=HOOKS)
-    with Receiver() as receiver:
-        url, port = receiver.url, receiver.port  # closed again before the first attempt: that one fails
+    first = Receiver(statuses=(500,) * 5)  # the attempts before the restart fail
+    url, port = first.url, first.port
 
     def replica() -> JobManager:
-        return JobManager(open_store(args.jobs), args, Generators().run_one, {"flux"}, WebhookSender(HOOKS, "s"))
+        return JobManager(open_store(args.jobs), args, Generators().run_one, {"flux"},
+                          WebhookSender(HOOKS, HOOKS_SECRET))
 
     async def before(jobs: JobManager) -> str:
         request_id = uuid.uuid4().hex
@@ -445,11 +449,17 @@ def test_a_webhook_not_delivered_before_a_restart_is_delivered_after_it(tmp_path
         jobs.close()
         return status, result
 
-    request_id = asyncio.run(before(replica()))
+    with first:
+        request_id = asyncio.run(before(replica()))
     with Receiver(port=port) as receiver:
         status, result = asyncio.run(after(replica(), request_id))
     assert status.webhook.delivered and status.webhook.attempts >= 2 and status.webhook.last_error is None
     assert [d.body for d in receiver.deliveries] == [result.model_dump_json().encode()]
+    # one message before and after the restart: its webhook-id comes from the stored job, not the replica
+    deliveries = [*first.deliveries, *receiver.deliveries]
+    assert first.deliveries and {d.headers["webhook-id"] for d in deliveries} == {f"msg_{request_id}"}
+    for delivery in deliveries:
+        standardwebhooks.Webhook(HOOKS_SECRET).verify(delivery.body, delivery.headers)
 
 
 # ---- retention ----------------------------------------------------------------------------------------

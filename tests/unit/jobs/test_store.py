@@ -111,3 +111,56 @@ def test_the_lease_lets_one_owner_in_until_it_is_released_or_expires(store):
     assert first.renew() is False
     waited = first.acquire(poll_s=0.05)  # second never renewed: first waits for the expiry
     assert at_once < 1.0 <= waited < 10
+
+
+def test_a_lease_names_its_holder_and_a_waiter_logs_once_how_to_use_another_store(tmp_path, caplog):
+    """A second server on the same store (a live holder that keeps renewing) is named once, with `jobs.store`;
+    /health's cause names it too. The holder's own successor is told it is a hand-over."""
+    import logging
+    import os
+    import socket
+    import time
+
+    from serve_app.jobs.store import lease_holder
+
+    store = open_store(JobArgs(store=str(tmp_path / "jobs")))
+    holder = StoreLease(store, "holder", lease_s=0.6, server="app 'flux' of the Ray cluster at A")
+    holder.acquire()
+    lease = store.read_lease()
+    assert (lease.host, lease.pid) == (socket.gethostname(), os.getpid())
+    assert lease_holder(store, "app 'flux' of the Ray cluster at B").startswith(f"the job store {store.description} "
+                                                                                "is held by FluxJobs holder of app")
+    assert "jobs.store" in lease_holder(store, "app 'flux' of the Ray cluster at B")
+    assert "handed over" in lease_holder(store, "app 'flux' of the Ray cluster at A")
+    stop = threading.Event()
+
+    def keep_renewing():
+        while not stop.wait(0.1):
+            holder.renew()
+
+    renewer = threading.Thread(target=keep_renewing)
+    renewer.start()
+    waiter = StoreLease(store, "waiter", lease_s=0.6, server="app 'flux' of the Ray cluster at B")
+    taken = threading.Event()
+    acquiring = threading.Thread(target=lambda: (waiter.acquire(poll_s=0.05), taken.set()))
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        acquiring.start()
+        time.sleep(1.5)  # renewed several times meanwhile
+        assert not taken.is_set()
+        stop.set()
+        renewer.join()
+        assert taken.wait(5)  # a holder that stops renewing is taken over, as a dead one always was
+        acquiring.join()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in warnings[0] and "`jobs.store`" in warnings[0]
+    assert lease_holder(store) is not None and "waiter" in lease_holder(store)
+    waiter.release()
+    assert lease_holder(store) is None
+
+
+def test_a_lease_written_before_it_named_its_holder_still_reads(store):
+    from serve_app.jobs.store import Lease
+
+    store.put_lease(Lease.model_validate_json('{"owner": "old", "expires_at": 1.0}'))
+    assert store.read_lease().holder() == "FluxJobs old"

@@ -97,6 +97,7 @@ print(i)
 """
 
 
+@pytest.mark.slow  # a subprocess of its own
 def test_a_file_evicted_by_another_process_is_never_a_failed_load(tmp_path, host):
     body = safetensors_bytes(tmp_path)
     host.file("/other.safetensors", body)

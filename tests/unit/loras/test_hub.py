@@ -180,6 +180,7 @@ print(json.dumps({"read": after[0] - before[0], "peak_kib": after[1] - before[1]
 """
 
 
+@pytest.mark.slow  # a subprocess of its own
 def test_a_revision_or_path_that_decodes_to_a_local_file_reads_nothing(tmp_path, hub):
     """The first release let huggingface_hub read `refs/<revision>` as a local file: a request naming a
     300 MiB file grew the replica by GBs and echoed the file in the error. Now nothing is even opened."""

@@ -161,6 +161,7 @@ def test_a_url_the_policy_accepts_can_always_be_sent(tmp_path, hosts, url):
     raises({"LORA_DOWNLOAD_FAILED", "LORA_SOURCE_FORBIDDEN"}, fetch, src, url.format(port=allowed.port))
 
 
+@pytest.mark.slow  # a subprocess of its own
 def test_the_connection_goes_to_the_checked_address_whatever_the_name(hosts):
     """A pinned connection never asks DNS again: a name that resolves nowhere still reaches the checked
     address, and the request carries the name as its Host."""

@@ -295,6 +295,7 @@ print(cache.evictions)
 """
 
 
+@pytest.mark.slow  # a subprocess of its own
 def test_a_file_evicted_between_prefetch_and_load_is_loaded_from_the_held_bytes(fresh_spy, lora_root, tmp_path):
     """Another real process empties the shared download cache after an item's prefetch: the item's adapter
     still loads, from the bytes prefetch held, with no request to the network, and the item beside it in

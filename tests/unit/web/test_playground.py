@@ -23,6 +23,7 @@ def test_the_page_names_only_files_the_app_serves():
     assert sorted(linked) == sorted(f"static/{name}" for name in playground.ASSETS)
 
 
+@pytest.mark.slow  # a subprocess of its own
 def test_a_wheel_holds_the_playground_files(tmp_path):
     pytest.importorskip("setuptools", reason="building a wheel without isolation needs setuptools")
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info next to the sources

@@ -1,11 +1,14 @@
 """Fuzzing the HTTP API (issue 7): generated bad requests never get a 5xx, and odd but legal ones succeed.
 
-Every fuzz example sends one request through a shared httpx.Client. The strategies build requests
-that fail before any work is queued (schema, limits, content type, method or path), so fuzzing costs
-no generation; the deployment's `max_work_per_request` also caps what any request that validated by
-chance could cost. Hypothesis runs derandomized, without its example database, so CI sees the
-same cases on every run. The last test checks that at least MIN_CASES requests went out in all
-and that the service still generates the same pixels, on the same replicas, as before fuzzing.
+The real routes and IngressService over fake clients (tests/support/fake_service.py), no Ray: every fuzz
+example sends one request through one starlette TestClient (redirects not followed, as httpx.Client's
+default), and an exception in the app fails the example at once. The strategies build requests that fail
+before any work is queued (schema, limits, content type, method or path); `max_work_per_request` also
+caps what any request that validated by chance could cost. Hypothesis runs derandomized, without its
+example database, so CI sees the same cases on every run. The last test checks that at least MIN_CASES
+requests went out in all, that none of them reached a generator or the jobs service, and that the service
+still generates the same image as before fuzzing. A fixed sample of odd requests also goes through Serve's
+real proxy (tests/serve/test_api.py), with the real generation of the odd but legal requests.
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from starlette.testclient import TestClient
 
 from serve_app.schemas import MAX_SEED
-from tests.serve.helpers import app_args, deploy_app, generator_state
-
-pytestmark = pytest.mark.serve
+from tests.support.fake_service import FakeApp, args_with, fake_app
 
 MIN_CASES = 500
 SENT: dict[str, int] = {}  # fuzz test -> requests sent
+LEGAL: set[str] = set()  # the request ids of the odd but legal requests: the only ones that may reach work
 MAX_WORK = 1024 * 1024  # pixel-steps per request: 4 images of 64x4096 at 1 step, or one 1024² step
 VALID = {"model": "flux", "prompts": [{"prompt": "fuzz", "width": 64, "height": 64, "sample_steps": 1}]}
 VALID_BYTES = json.dumps(VALID).encode()
@@ -48,30 +51,26 @@ def fuzz_settings(examples: int):
 
 
 @pytest.fixture(scope="module")
-def url(serve_url, lora_root):
-    args = app_args(lora_root, limits={"max_work_per_request": MAX_WORK})
-    return deploy_app(serve_url, args)
+def app(lora_dir) -> FakeApp:
+    return fake_app(args_with(lora_dir, limits={"max_work_per_request": MAX_WORK}))
 
 
 @pytest.fixture(scope="module")
-def client(url):
-    with httpx.Client(base_url=url, timeout=60) as client:
+def client(app):
+    with TestClient(app.api, follow_redirects=False) as client:
         yield client
 
 
 class Before(tuple):
     def __repr__(self) -> str:  # keeps Hypothesis' reports of a failing case short
-        return f"Before(actor={self[0]!r})"
+        return f"Before(items={self[0]!r})"
 
 
 @pytest.fixture(scope="module")
-def before(url, client):
-    """The generator replica and one reference image, taken before any fuzzing."""
-    return Before((generator_actor(), generate_png(client)))
-
-
-def generator_actor() -> str:
-    return generator_state().actor_name
+def before(app, client):
+    """The work items run so far and one reference image, taken before any fuzzing."""
+    reference = generate_png(client)
+    return Before((len(app.generators.items), reference))
 
 
 def generate_png(client: httpx.Client) -> np.ndarray:
@@ -79,6 +78,7 @@ def generate_png(client: httpx.Client) -> np.ndarray:
             "prompts": [{"prompt": "after the storm", "width": 64, "height": 64, "sample_steps": 2, "seed": 7}]}
     answer = client.post("/v1/generate", json=body)
     assert answer.status_code == 200, answer.text
+    LEGAL.add(answer.json()["request_id"])
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]["data"])))).astype(np.int16)
 
 
@@ -238,7 +238,7 @@ bad_timeouts = st.one_of(st.sampled_from(["0", "-1", "-0.5", "nan", "-inf", "1e-
 
 @fuzz_settings(examples=200)
 @given(body=bad_body_with_junk, path=st.sampled_from(["/v1/generate", "/v1/inference"]))
-def test_invalid_bodies_are_refused_without_a_5xx(url, client, before, body, path):
+def test_invalid_bodies_are_refused_without_a_5xx(client, before, body, path):
     answer = post_json(client, "bodies", body, path)
     assert 400 <= answer.status_code < 500, (body, answer.text[:300])
 
@@ -246,7 +246,7 @@ def test_invalid_bodies_are_refused_without_a_5xx(url, client, before, body, pat
 @fuzz_settings(examples=60)
 @given(value=not_an_object | nested | huge_text.map(lambda s: {"model": "flux", "prompts": [{"prompt": s}]}),
        path=st.sampled_from(["/v1/generate", "/v1/inference"]))
-def test_non_objects_deep_nesting_and_huge_strings_are_refused(url, client, before, value, path):
+def test_non_objects_deep_nesting_and_huge_strings_are_refused(client, before, value, path):
     data = value if isinstance(value, bytes) else json.dumps(value, allow_nan=True).encode()
     answer = send(client, "shapes", "POST", path, data, {"content-type": "application/json"})
     assert 400 <= answer.status_code < 500
@@ -254,12 +254,12 @@ def test_non_objects_deep_nesting_and_huge_strings_are_refused(url, client, befo
 
 @fuzz_settings(examples=90)
 @given(data=broken_json, path=st.sampled_from(["/v1/generate", "/v1/inference"]))
-def test_broken_json_is_refused(url, client, before, data, path):
+def test_broken_json_is_refused(client, before, data, path):
     answer = send(client, "broken", "POST", path, data, {"content-type": "application/json"})
     assert 400 <= answer.status_code < 500
 
 
-def test_a_body_over_the_limit_is_413(url, client, before):
+def test_a_body_over_the_limit_is_413(client, before):
     answer = send(client, "shapes", "POST", "/v1/generate", b'{"model":"flux","pad":"' + b"x" * 1_100_000 + b'"}',
                   {"content-type": "application/json"})
     assert answer.status_code == 413
@@ -268,19 +268,19 @@ def test_a_body_over_the_limit_is_413(url, client, before):
 @fuzz_settings(examples=50)
 @given(content_type=st.sampled_from(CONTENT_TYPES) | header_text.filter(lambda s: "json" not in s.lower()),
        path=st.sampled_from(["/v1/generate", "/v1/inference"]))
-def test_a_valid_body_with_a_wrong_content_type_is_refused(url, client, before, content_type, path):
+def test_a_valid_body_with_a_wrong_content_type_is_refused(client, before, content_type, path):
     answer = send(client, "content-types", "POST", path, VALID_BYTES, {"content-type": content_type})
     assert 400 <= answer.status_code < 500
 
 
-def test_a_valid_body_without_a_content_type_is_refused(url, client, before):
+def test_a_valid_body_without_a_content_type_is_refused(client, before):
     answer = send(client, "content-types", "POST", "/v1/generate", VALID_BYTES, {})
     assert answer.status_code == 422
 
 
 @fuzz_settings(examples=110)
 @given(method=st.sampled_from(METHODS), path=odd_paths, body=st.none() | st.binary(max_size=50))
-def test_odd_methods_and_paths_get_no_5xx(url, client, before, method, path, body):
+def test_odd_methods_and_paths_get_no_5xx(client, before, method, path, body):
     if method == "POST" and path.rstrip("/") in ("/v1/generate", "/v1/inference"):
         body = body or b"{}"  # never a valid body: these tests generate nothing
     send(client, "paths", method, path, body, {"content-type": "application/json"} if body else None)
@@ -288,7 +288,7 @@ def test_odd_methods_and_paths_get_no_5xx(url, client, before, method, path, bod
 
 @fuzz_settings(examples=40)
 @given(timeout=bad_timeouts, path=st.sampled_from(["/v1/generate", "/v1/inference"]))
-def test_a_bad_timeout_header_is_422(url, client, before, timeout, path):
+def test_a_bad_timeout_header_is_422(client, before, timeout, path):
     answer = send(client, "headers", "POST", path, VALID_BYTES,
                   {"content-type": "application/json", "X-Flux-Timeout": timeout})
     assert answer.status_code == 422, answer.text
@@ -300,7 +300,7 @@ ODD_PROMPTS = ["日本語のプロンプト、猫 🐈‍⬛🎨", "مرحبا �
                "nul\u0000inside", "\U0010ffff\U0001d54f", "", "   ", "[trigger] [trigger]", "x" * 4000]
 
 
-def test_odd_but_legal_requests_succeed(url, client, before):
+def test_odd_but_legal_requests_succeed(client, before):
     prompts = [{"prompt": p, "width": 64, "height": 64, "sample_steps": 1, "neg": ""} for p in ODD_PROMPTS]
     prompts += [
         {"prompt": "tall", "width": 64, "height": 4096, "sample_steps": 1},
@@ -309,8 +309,9 @@ def test_odd_but_legal_requests_succeed(url, client, before):
         {"prompt": "max guidance", "width": 64, "height": 64, "sample_steps": 1, "guidance_scale": 20, "seed": 0},
     ]
     body = {"model": "flux", "trigger_word": "ü✓", "prompts": prompts, "loras": [], "output_format": "png"}
-    answer = client.post("/v1/generate", json=body, timeout=300)
+    answer = client.post("/v1/generate", json=body)
     assert answer.status_code == 200, answer.text[:500]
+    LEGAL.add(answer.json()["request_id"])
     images = answer.json()["images"]
     assert len(images) == len(prompts)
     expected = [(64, 64)] * len(ODD_PROMPTS) + [(64, 4096), (4096, 64), (64, 80), (64, 64)]
@@ -321,10 +322,11 @@ def test_odd_but_legal_requests_succeed(url, client, before):
     assert 0 <= images[len(ODD_PROMPTS) + 2]["seed"] < 2**31 - 1
 
 
-def test_an_odd_but_legal_async_job_succeeds(url, client, before):
+def test_an_odd_but_legal_async_job_succeeds(client, before):
     body = {"model": "flux", "prompts": [{"prompt": "🦊 im Schnee", "neg": "", "width": 4096, "height": 64,
                                           "sample_steps": 1, "seed": MAX_SEED}], "output_format": "webp"}
     job = client.post("/v1/inference", json=body).json()
+    LEGAL.add(job["request_id"])
     for _ in range(600):
         status = client.get(f"/v1/requests/{job['request_id']}/status").json()
         if status["status"] in ("succeeded", "failed", "canceled"):
@@ -339,12 +341,13 @@ def test_an_odd_but_legal_async_job_succeeds(url, client, before):
 # ---- afterwards --------------------------------------------------------------------------------------
 
 
-def test_after_fuzzing_the_same_replica_generates_the_same_pixels(url, client, before):
-    actor, reference = before
+def test_after_fuzzing_no_fuzz_request_reached_work_and_the_service_still_generates(app, client, before):
+    items_before, reference = before
     total = sum(SENT.values())
     print(f"\nFUZZ requests sent: {total} {SENT}")
     if {"bodies", "shapes", "broken", "content-types", "paths", "headers"} <= set(SENT):  # the whole module ran
         assert total >= MIN_CASES, SENT
-    assert generator_actor() == actor  # no replica crashed and was quietly replaced
+    reached = {item.request_id for item in app.generators.items[items_before:]} | set(app.jobs.manager.jobs)
+    assert reached <= LEGAL, reached - LEGAL  # every fuzz request was refused before any work was queued
     assert np.abs(generate_png(client) - reference).max() <= 1
     assert client.get("/health").status_code == 200
