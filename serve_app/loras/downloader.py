@@ -79,11 +79,17 @@ class Downloader:
             held = await asyncio.to_thread(self.sources.hold, ref)
             if held is not None:
                 return Held(held, ref.remote, downloaded)
-            downloaded += (await self.fetch(ref, deadline, request_id)).bytes_downloaded
+            fetched = await self.fetch(ref, deadline, request_id)
+            downloaded += fetched.bytes_downloaded
+            if fetched.held is not None:  # our own download, held since before it was published
+                return Held(fetched.held, ref.remote, downloaded)
         raise download_failed(ref.source, "the file left the download cache before it could be opened; try again")
 
     async def fetch(self, ref: LoraRef, deadline: float | None = None, request_id: str | None = None) -> FetchResult:
         """Download a file into the cache on this pool, shared with the other callers of its source.
+
+        The caller that started the download gets it held (`FetchResult.held`, to close); if that caller
+        gives up first, the held file is closed when the download ends.
 
         Raises:
             ApiError: as `LoraSources.fetch`; LORA_DOWNLOAD_FAILED ("timed out") when the deadline passes first.
@@ -94,9 +100,15 @@ class Downloader:
             # shield: a caller that gives up (timeout, cancel) must not cancel the download others share
             result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), left)
         except TimeoutError:
+            if started:
+                future.add_done_callback(_close_held)
             raise download_failed(
                 ref.source, "timed out: the request's time ran out before the download finished"
             ) from None
+        except asyncio.CancelledError:
+            if started:
+                future.add_done_callback(_close_held)
+            raise
         # The bytes count once, for the caller that started the download; the others found it shared.
         return result if started else FetchResult(ref.source, cached=True)
 
@@ -110,7 +122,7 @@ class Downloader:
             future = self._inflight.get(ref.key)
             if future is not None:
                 return future, False
-            future = self._pool.submit(self.sources.fetch, ref, None, request_id)
+            future = self._pool.submit(self.sources.fetch, ref, None, request_id, keep=True)
             self._inflight[ref.key] = future
             future.add_done_callback(lambda _: self._forget(ref.key))
             return future, True
@@ -118,3 +130,11 @@ class Downloader:
     def _forget(self, key: str) -> None:
         with self._lock:
             self._inflight.pop(key, None)
+
+
+def _close_held(future: Future[FetchResult]) -> None:
+    """The download's starter gave up: nobody takes the file it held."""
+    if not future.cancelled() and future.exception() is None:
+        held = future.result().held
+        if held is not None:
+            held.close()

@@ -76,11 +76,14 @@ class FetchResult:
         source: the canonical source.
         cached: nothing was downloaded: a cache hit, or a file under the LoRA root.
         bytes_downloaded: bytes this call downloaded (0 on a hit).
+        held: with `fetch(keep=True)` and a download, the downloaded file held open since before it was
+            published, so no other process's eviction can take it first (the caller closes it).
     """
 
     source: str
     cached: bool
     bytes_downloaded: int = 0
+    held: HeldLora | None = field(default=None, compare=False, repr=False)
 
 
 class HeldLora:
@@ -245,7 +248,9 @@ class LoraSources:
 
     # ---- fetch: the one download ---------------------------------------------------------------
 
-    def fetch(self, ref: LoraRef, deadline: float | None = None, request_id: str | None = None) -> FetchResult:
+    def fetch(
+        self, ref: LoraRef, deadline: float | None = None, request_id: str | None = None, *, keep: bool = False
+    ) -> FetchResult:
         """Make a remote file local: download it once into the cache (a root file needs nothing).
 
         Runs on the caller's thread; the `Downloader` runs it on threads of its own and shares one
@@ -256,6 +261,7 @@ class LoraSources:
             deadline: `time.time()` by which the caller needs an answer; the download itself is
                 bounded by its own budget (`download_timeout_s` x `download_retries` + backoff).
             request_id: names the request in server-side log lines.
+            keep: hold the downloaded file open for the caller (`FetchResult.held`).
 
         Raises:
             ApiError: a coded 4xx (LORA_SOURCE_FORBIDDEN, LORA_NOT_FOUND, LORA_INVALID, LORA_DOWNLOAD_FAILED).
@@ -266,10 +272,12 @@ class LoraSources:
         if remembered is not None:
             raise remembered
         until, callers_own = self._until(deadline)
-        size = self._download(ref, until, callers_own, request_id)
-        return FetchResult(ref.source, cached=False, bytes_downloaded=size)
+        size, held = self._download(ref, until, callers_own, request_id, keep)
+        return FetchResult(ref.source, cached=False, bytes_downloaded=size, held=held)
 
-    def _download(self, ref: LoraRef, until: float, callers_own: bool, request_id: str | None) -> int:
+    def _download(
+        self, ref: LoraRef, until: float, callers_own: bool, request_id: str | None, keep: bool
+    ) -> tuple[int, HeldLora | None]:
         """Download into a .part file, check it, publish it. A failure that is the source's fault is remembered."""
         log_id = f"[{request_id or '-'}] {display_source(ref.source)}"
         request = FetchRequest(
@@ -287,7 +295,13 @@ class LoraSources:
                 size = self.fetcher.download(request, part, until)
                 part.seal()
                 check_safetensors(part.file, part.size, ref.source, self.args.max_file_bytes)
-                part.publish()
+                # Opened before it is published: no other process can evict it before we hold it.
+                held = HeldLora(ref.source, os.fdopen(os.dup(part.file.fileno()), "rb"), self.args.max_file_bytes)
+                try:
+                    part.publish()
+                except BaseException:
+                    held.close()
+                    raise
         except CacheFull:  # a passing state of this node, not the source's fault: not remembered
             logger.warning("LoRA download %s: the download cache is full of downloads in flight", log_id)
             raise download_failed(ref.source, "the server's download cache has no room for it now") from None
@@ -301,7 +315,10 @@ class LoraSources:
             failure = download_failed(ref.source, "the server could not complete the download")
             self.failures.remember(ref.key, failure)
             raise failure from None
-        return size
+        if not keep:
+            held.close()
+            return size, None
+        return size, held
 
     def _until(self, deadline: float | None) -> tuple[float, bool]:
         """The download's deadline on the monotonic clock, and whether it is the caller's (shorter) one."""
