@@ -17,6 +17,7 @@ import httpx
 
 from serve_app.config import AppArgs
 from tests.support.engines import RECORDS_ENV
+from tests.support.requests_corpus import merged_args
 
 APP_NAME = "flux"
 GENERATOR = "FluxGenerator-flux"
@@ -47,12 +48,7 @@ def app_args(lora_root: Path, **overrides) -> AppArgs:
                   "allow_private_addresses": True, "max_adapters_per_replica": 4},
         "jobs": {"store": "memory"},
     }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return AppArgs.model_validate(base)
+    return merged_args(base, overrides)
 
 
 def deploy_app(serve_url: str, args: AppArgs, *, generator: dict | None = None, ingress: dict | None = None,

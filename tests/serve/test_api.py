@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from serve_app import errors
-from serve_app.schemas import MAX_SEED
 from tests.serve.helpers import APP_NAME, app_args, calls, deploy_app, generator_state, model_args, wait_finished
+from tests.support.requests_corpus import ODD_ASYNC_JOB, ODD_SIZES, odd_but_legal_request
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -261,31 +261,17 @@ def test_odd_requests_through_the_proxy_get_no_5xx_and_crash_no_replica(url):
     assert httpx.get(f"{url}/health").status_code == 200
 
 
-ODD_PROMPTS = ["日本語のプロンプト、猫 🐈‍⬛🎨", "مرحبا بالعالم", "e\u0301\u0301\u0301 zalgo", "a\u200db\ufeffc\u00a0d",
-               "nul\u0000inside", "\U0010ffff\U0001d54f", "", "   ", "[trigger] [trigger]", "x" * 4000]
-
-
 def test_odd_but_legal_requests_generate_real_images(url):
     """The engine's side of the odd but legal requests: any text through its tokenizer, the extreme sizes."""
-    prompts = [{"prompt": p, "width": 64, "height": 64, "sample_steps": 1, "neg": ""} for p in ODD_PROMPTS]
-    prompts += [
-        {"prompt": "tall", "width": 64, "height": 4096, "sample_steps": 1},
-        {"prompt": "wide", "width": 4096, "height": 64, "sample_steps": 1, "seed": MAX_SEED},
-        {"prompt": "floored", "width": 79, "height": 95, "sample_steps": 1, "seed": -1, "guidance_scale": 0},
-        {"prompt": "max guidance", "width": 64, "height": 64, "sample_steps": 1, "guidance_scale": 20, "seed": 0},
-    ]
-    request = {"model": "flux", "trigger_word": "ü✓", "prompts": prompts, "loras": [], "output_format": "png"}
+    request = odd_but_legal_request()
     answer = httpx.post(f"{url}/v1/generate", json=request, timeout=300)
     assert answer.status_code == 200, answer.text[:500]
     images = answer.json()["images"]
-    expected = [(64, 64)] * len(ODD_PROMPTS) + [(64, 4096), (4096, 64), (64, 80), (64, 64)]
-    assert [Image.open(io.BytesIO(base64.b64decode(i["data"]))).size for i in images] == expected
+    assert [Image.open(io.BytesIO(base64.b64decode(i["data"]))).size for i in images] == ODD_SIZES
 
 
 def test_an_odd_but_legal_async_job_succeeds(url):
-    request = {"model": "flux", "prompts": [{"prompt": "🦊 im Schnee", "neg": "", "width": 4096, "height": 64,
-                                             "sample_steps": 1, "seed": MAX_SEED}], "output_format": "webp"}
-    job = httpx.post(f"{url}/v1/inference", json=request).json()
+    job = httpx.post(f"{url}/v1/inference", json=ODD_ASYNC_JOB).json()
     assert wait_finished(url, job["request_id"])["status"] == "succeeded"
     image = httpx.get(f"{url}/v1/requests/{job['request_id']}/images/0")
     assert image.headers["content-type"] == "image/webp"

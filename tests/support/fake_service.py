@@ -40,6 +40,7 @@ from serve_app.web.health import health_response
 from serve_app.web.routes import build_api
 from serve_app.web.service import IngressService
 from serve_app.workitems import ItemResult, WorkItem
+from tests.support.requests_corpus import merged_args
 
 MATCHED_MODULES = 7  # what every fake LoRA "matches"
 
@@ -195,9 +196,4 @@ def args_with(lora_root: Path, **overrides: Any) -> AppArgs:
                   "allow_private_addresses": True},
         "jobs": {"store": "memory"},
     }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return AppArgs.model_validate(base)
+    return merged_args(base, overrides)

@@ -30,6 +30,7 @@ from starlette.testclient import TestClient
 
 from serve_app.schemas import MAX_SEED
 from tests.support.fake_service import FakeApp, args_with, fake_app
+from tests.support.requests_corpus import ODD_ASYNC_JOB, ODD_PROMPTS, ODD_SIZES, odd_but_legal_request
 
 MIN_CASES = 500
 SENT: dict[str, int] = {}  # fuzz test -> requests sent
@@ -296,26 +297,14 @@ def test_a_bad_timeout_header_is_422(client, before, timeout, path):
 
 # ---- odd but legal requests ------------------------------------------------------------------------
 
-ODD_PROMPTS = ["日本語のプロンプト、猫 🐈‍⬛🎨", "مرحبا بالعالم", "e\u0301\u0301\u0301 zalgo", "a\u200db\ufeffc\u00a0d",
-               "nul\u0000inside", "\U0010ffff\U0001d54f", "", "   ", "[trigger] [trigger]", "x" * 4000]
-
-
 def test_odd_but_legal_requests_succeed(client, before):
-    prompts = [{"prompt": p, "width": 64, "height": 64, "sample_steps": 1, "neg": ""} for p in ODD_PROMPTS]
-    prompts += [
-        {"prompt": "tall", "width": 64, "height": 4096, "sample_steps": 1},
-        {"prompt": "wide", "width": 4096, "height": 64, "sample_steps": 1, "seed": MAX_SEED},
-        {"prompt": "floored", "width": 79, "height": 95, "sample_steps": 1, "seed": -1, "guidance_scale": 0},
-        {"prompt": "max guidance", "width": 64, "height": 64, "sample_steps": 1, "guidance_scale": 20, "seed": 0},
-    ]
-    body = {"model": "flux", "trigger_word": "ü✓", "prompts": prompts, "loras": [], "output_format": "png"}
+    body = odd_but_legal_request()
     answer = client.post("/v1/generate", json=body)
     assert answer.status_code == 200, answer.text[:500]
     LEGAL.add(answer.json()["request_id"])
     images = answer.json()["images"]
-    assert len(images) == len(prompts)
-    expected = [(64, 64)] * len(ODD_PROMPTS) + [(64, 4096), (4096, 64), (64, 80), (64, 64)]
-    for image, size in zip(images, expected):
+    assert len(images) == len(body["prompts"])
+    for image, size in zip(images, ODD_SIZES):
         assert (image["width"], image["height"]) == size
         assert Image.open(io.BytesIO(base64.b64decode(image["data"]))).size == size
     assert images[len(ODD_PROMPTS) + 1]["seed"] == MAX_SEED
@@ -323,9 +312,7 @@ def test_odd_but_legal_requests_succeed(client, before):
 
 
 def test_an_odd_but_legal_async_job_succeeds(client, before):
-    body = {"model": "flux", "prompts": [{"prompt": "🦊 im Schnee", "neg": "", "width": 4096, "height": 64,
-                                          "sample_steps": 1, "seed": MAX_SEED}], "output_format": "webp"}
-    job = client.post("/v1/inference", json=body).json()
+    job = client.post("/v1/inference", json=ODD_ASYNC_JOB).json()
     LEGAL.add(job["request_id"])
     for _ in range(600):
         status = client.get(f"/v1/requests/{job['request_id']}/status").json()
