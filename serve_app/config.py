@@ -7,6 +7,7 @@ instead of being ignored. Defaults live only here.
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +22,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
@@ -157,6 +159,10 @@ class ModelArgs(StrictModel):
         None, description="torch intra-op threads of a replica; unset: Ray's choice (the replica's num_cpus)"
     )
     batching: BatchSettings = Field(default_factory=BatchSettings)
+    max_adapters_per_replica: PositiveInt | None = Field(
+        None, description="LoRA sets each replica of this model keeps loaded (LRU); unset: "
+        "loras.max_adapters_per_replica. Per model because memory per adapter set differs by model"
+    )
     speed: SpeedTier = Field(
         "exact", description="exact: eager, PEFT adapters, the reference's pixels; compiled: torch.compile and "
         "a compile-stable LoRA slot; fp8: compiled with fp8 Linears (CUDA compute capability >= 8.9)"
@@ -265,8 +271,33 @@ class LoraArgs(StrictModel):
         description="Repos (`owner/name`, or `owner/*`) that may use the server's own HF_TOKEN; none by default",
     )
     hf_enabled: bool = Field(True, description="Allow hf://owner/repo/file sources")
-    max_adapters_per_replica: PositiveInt = Field(8, description="LoRA sets each generator replica keeps loaded (LRU)")
+    allowed_buckets: list[str] = Field(
+        default_factory=list,
+        description="Buckets s3://bucket/key LoRA sources may read, exactly as spelled; empty: s3:// is refused",
+    )
+    s3_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="s3fs options of s3:// sources (e.g. `endpoint_url` of an S3-compatible store, `key`, "
+        "`secret`); unset ones come from the node's environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)",
+    )
+    max_adapters_per_replica: PositiveInt = Field(
+        8, description="LoRA sets each generator replica keeps loaded (LRU), unless its model sets its own"
+    )
     write_demo: bool = Field(False, description="Write the demo LoRA for the built-in small model on start")
+
+    @field_validator("allowed_buckets")
+    @classmethod
+    def _buckets_have_s3_names(cls, buckets: list[str]) -> list[str]:
+        """S3's naming rules: an entry outside them can never name a bucket, so it is a typo to report at start."""
+        for name in buckets:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", name) or ".." in name or re.fullmatch(
+                r"\d+\.\d+\.\d+\.\d+", name
+            ):
+                raise ValueError(
+                    f"{name!r} is not an S3 bucket name: 3-63 lowercase letters, digits, '.' and '-', starting and "
+                    "ending with a letter or digit, no '..', not an IP address"
+                )
+        return buckets
 
 
 MEMORY_STORE = "memory"

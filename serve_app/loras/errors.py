@@ -21,7 +21,7 @@ _MAX_SHOWN = 300  # a source longer than this is cut in messages
 def display_source(source: str) -> str:
     """The source as messages and logs may show it: query values that look secret are masked."""
     shown = str(source)
-    if shown.lower().startswith(("http://", "https://")) and "?" in shown:
+    if shown.lower().startswith(("http://", "https://", "s3://")) and "?" in shown:
         try:
             parts = urlsplit(shown)
             pairs = parse_qsl(parts.query, keep_blank_values=True)

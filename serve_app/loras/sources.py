@@ -1,9 +1,11 @@
-"""Where a LoRA file comes from: a path under the LoRA root, an http(s) URL, or hf://owner/repo/file.
+"""Where a LoRA file comes from: a path under the LoRA root, an http(s) URL, hf://owner/repo/file or s3://bucket/key.
 
 One action each, on a `LoraRef` resolved once:
 - `resolve(path, token)` applies the source policy cheaply (no download, no DNS) and names the
   file: its canonical source (the LoRA's identity everywhere) and its download-cache key. The
   ingress only calls `canonical` (the same check), so a bad source is a 4xx of its request.
+- `pin(ref)` asks the store which version of an s3:// object is current (one HEAD): the version is
+  part of its cache key, so an overwritten object is fetched again. Other sources need no pin.
 - `fetch(ref)` makes a remote file local: downloaded once into the disk cache (a hit returns at
   once, a remembered failure raises again). Only the replica's `Downloader` calls it, on its own
   threads, before an item joins a batch: it is the one place that touches the network.
@@ -12,8 +14,8 @@ One action each, on a `LoraRef` resolved once:
   The replica holds it from prefetch until its adapter is loaded.
 
 The parts live beside this module: `net.url_policy` (hosts and addresses), `net.fetch` (one
-download), `hub` (hf:// parsing and tokens), `cache` (the disk cache and its cap), `files`
-(checks, safe open, reading), `failure_memory`. Plain Python: no Ray here.
+download), `hub` (hf:// parsing and tokens), `s3` (s3:// buckets, versions and GETs), `cache` (the
+disk cache and its cap), `files` (checks, safe open, reading), `failure_memory`. Plain Python: no Ray here.
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
 from serve_app.config import LoraArgs
 from serve_app.errors import ApiError
-from serve_app.loras.cache import CacheFull, DownloadCache, cache_key
+from serve_app.loras.cache import CacheFull, DownloadCache, PartFile, cache_key
 from serve_app.loras.errors import display_source, download_failed, forbidden, invalid, not_found
 from serve_app.loras.failure_memory import FailureMemory
 from serve_app.loras.files import LoraFile, check_safetensors, open_in_root, read_lora, resolve_in_root
 from serve_app.loras.hub import DEFAULT_ENDPOINT, HfToken, HubTokens, hub_reason, parse_hf
+from serve_app.loras.s3 import S3Object, S3Store, S3Version, parse_s3
 from serve_app.net.fetch import Fetcher, FetchRequest, http_status_reason
 from serve_app.net.url_policy import HostPolicy, UrlRefused, split_url
 
@@ -55,6 +60,7 @@ class LoraRef:
         url: where a remote file is downloaded from ("" for a root file).
         hub: an hf:// source (the Hub's token and error messages apply).
         token: the token a hub download sends, if any.
+        s3: an s3:// source's bucket and key, and once pinned its version (its key names that version).
     """
 
     source: str
@@ -62,10 +68,21 @@ class LoraRef:
     url: str = ""
     hub: bool = False
     token: HfToken | None = field(default=None, repr=False)
+    s3: S3Object | None = None
 
     @property
     def remote(self) -> bool:
         return bool(self.url)
+
+    @property
+    def pinned(self) -> bool:
+        """Its cache key names the bytes it stands for: always, but for an s3:// source before its `pin`."""
+        return self.s3 is None or self.s3.version is not None
+
+    def pinned_to(self, version: S3Version) -> LoraRef:
+        """This s3:// source at one version of its object, under a cache key of that version."""
+        assert self.s3 is not None
+        return replace(self, key=cache_key(self.source, version.digest), s3=replace(self.s3, version=version))
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,7 @@ class LoraSources:
         except UrlRefused as exc:
             raise ValueError(f"HF_ENDPOINT is not a usable http(s) URL: {exc.reason}") from None
         self.hub_tokens = HubTokens(os.environ.get("HF_TOKEN"), args.hf_token_repos)
+        self.s3 = S3Store(args.s3_options, self.fetcher)
 
     # ---- the policy: no download -----------------------------------------------------------------
 
@@ -143,7 +161,7 @@ class LoraSources:
         """Check a request's `loras[].path` against the policy and return its canonical source.
 
         Args:
-            path: a root-relative path, an http(s) URL or an hf:// source, as the client sent it.
+            path: a root-relative path, an http(s) URL, an hf:// or an s3:// source, as the client sent it.
 
         Returns:
             The canonical source: the LoRA's identity in work items, caches and adapter names.
@@ -163,7 +181,11 @@ class LoraSources:
             if not self.args.hf_enabled:
                 raise forbidden(path, "hf:// sources are disabled (loras.hf_enabled is false)")
             return parse_hf(path).source
-        raise forbidden(path, f"scheme {kind}:// is not supported (use a root-relative path, http(s):// or hf://)")
+        if kind == "s3":
+            return parse_s3(path, self.args.allowed_buckets).source
+        raise forbidden(
+            path, f"scheme {kind}:// is not supported (use a root-relative path, http(s)://, hf:// or s3://)"
+        )
 
     def resolve(self, path: str, token: str | HfToken | None = None) -> LoraRef:
         """`canonical`, and the file's cache key and download URL, with the token it is fetched with.
@@ -178,6 +200,8 @@ class LoraSources:
         source = self.canonical(path)
         if not is_remote(source):
             return LoraRef(source, source)
+        if source.startswith("s3://"):  # its key names no version yet: `pin` asks the store
+            return LoraRef(source, cache_key(source), url=source, s3=parse_s3(source, self.args.allowed_buckets))
         if not source.startswith("hf://"):
             return LoraRef(source, cache_key(source), url=source)
         hf_file = parse_hf(source)
@@ -225,11 +249,17 @@ class LoraSources:
     # ---- hold: the checked file, opened on this node, no network ---------------------------------
 
     def hold(self, ref: LoraRef) -> HeldLora | None:
-        """Open the checked file: a root file, or a remote file in the download cache; None if it is not cached.
+        """Open the checked file: a root file, or a remote file in the download cache; None if it is not cached
+        (or, for an s3:// source not pinned yet, not known to be).
 
         Raises:
             ApiError: a broken root file, or a failure remembered for this source.
         """
+        if not ref.pinned:
+            remembered = self.failures.recall(ref.key)
+            if remembered is not None:
+                raise remembered
+            return None
         if not ref.remote:
             f = open_in_root(self._root(), ref.source)  # the policy's target now: a symlink may have changed
             try:
@@ -246,6 +276,32 @@ class LoraSources:
             raise remembered
         return None
 
+    # ---- pin: an s3:// object's current version ---------------------------------------------------
+
+    def pin(self, ref: LoraRef, deadline: float | None = None, request_id: str | None = None) -> LoraRef:
+        """The source at its object's current version: one HEAD, no body (a source that needs no pin as it is).
+
+        Runs on the caller's thread; the `Downloader` runs it on its own threads, shared like a download.
+
+        Args:
+            ref: the resolved source.
+            deadline: as `fetch`.
+            request_id: names the request in server-side log lines.
+
+        Raises:
+            ApiError: LORA_NOT_FOUND for a missing object, else LORA_DOWNLOAD_FAILED (remembered, like a download's).
+        """
+        if ref.pinned or ref.s3 is None:
+            return ref
+        remembered = self.failures.recall(ref.key)
+        if remembered is not None:
+            raise remembered
+        until, callers_own = self._until(deadline)
+        log_id = f"[{request_id or '-'}] {display_source(ref.source)}"
+        with self._failures_remembered(ref, log_id, until, callers_own):
+            version = self.s3.version(ref.s3, log_id, until)
+        return ref.pinned_to(version)
+
     # ---- fetch: the one download ---------------------------------------------------------------
 
     def fetch(
@@ -254,7 +310,7 @@ class LoraSources:
         """Make a remote file local: download it once into the cache (a root file needs nothing).
 
         Runs on the caller's thread; the `Downloader` runs it on threads of its own and shares one
-        call among the callers of a source.
+        call among the callers of a source. An s3:// source not pinned yet is pinned first.
 
         Args:
             ref: the resolved source.
@@ -266,6 +322,7 @@ class LoraSources:
         Raises:
             ApiError: a coded 4xx (LORA_SOURCE_FORBIDDEN, LORA_NOT_FOUND, LORA_INVALID, LORA_DOWNLOAD_FAILED).
         """
+        ref = self.pin(ref, deadline, request_id)
         if not ref.remote or self.cache.contains(ref.key):
             return FetchResult(ref.source, cached=True)
         remembered = self.failures.recall(ref.key)
@@ -280,19 +337,11 @@ class LoraSources:
     ) -> tuple[int, HeldLora | None]:
         """Download into a .part file, check it, publish it. A failure that is the source's fault is remembered."""
         log_id = f"[{request_id or '-'}] {display_source(ref.source)}"
-        request = FetchRequest(
-            url=ref.url,
-            label=ref.source,
-            log_id=log_id,
-            token=ref.token,
-            trusted_origin=self.hub_origin if ref.hub else None,
-            describe_status=hub_reason if ref.hub else http_status_reason,
-        )
-        try:
+        with self._failures_remembered(ref, log_id, until, callers_own):
             if ref.hub:
                 _check_hub_online(ref.source)
             with self.cache.part(ref.key) as part:
-                size = self.fetcher.download(request, part, until)
+                size = self._transfer(ref, log_id, part, until)
                 part.seal()
                 check_safetensors(part.file, part.size, ref.source, self.args.max_file_bytes)
                 # Opened before it is published: no other process can evict it before we hold it.
@@ -302,6 +351,30 @@ class LoraSources:
                 except BaseException:
                     held.close()
                     raise
+        if not keep:
+            held.close()
+            return size, None
+        return size, held
+
+    def _transfer(self, ref: LoraRef, log_id: str, part: PartFile, until: float) -> int:
+        """The bytes into the part file: from the object store, or over HTTP."""
+        if ref.s3 is not None:
+            return self.s3.download(ref.s3, log_id, part, until)
+        request = FetchRequest(
+            url=ref.url,
+            label=ref.source,
+            log_id=log_id,
+            token=ref.token,
+            trusted_origin=self.hub_origin if ref.hub else None,
+            describe_status=hub_reason if ref.hub else http_status_reason,
+        )
+        return self.fetcher.download(request, part, until)
+
+    @contextmanager
+    def _failures_remembered(self, ref: LoraRef, log_id: str, until: float, callers_own: bool) -> Iterator[None]:
+        """A failure of the block as a coded error, remembered when it is the source's fault."""
+        try:
+            yield
         except CacheFull:  # a passing state of this node, not the source's fault: not remembered
             logger.warning("LoRA download %s: the download cache is full of downloads in flight", log_id)
             raise download_failed(ref.source, "the server's download cache has no room for it now") from None
@@ -315,10 +388,6 @@ class LoraSources:
             failure = download_failed(ref.source, "the server could not complete the download")
             self.failures.remember(ref.key, failure)
             raise failure from None
-        if not keep:
-            held.close()
-            return size, None
-        return size, held
 
     def _until(self, deadline: float | None) -> tuple[float, bool]:
         """The download's deadline on the monotonic clock, and whether it is the caller's (shorter) one."""

@@ -10,7 +10,9 @@ belongs to.
 
 One deadline bounds the whole download, retries included: every connect and read waits at most
 what is left of it, so a host that drips bytes cannot hold a download longer. Bodies are read raw
-(`Accept-Encoding: identity`; an encoded answer is refused), so no decoder can fail on them.
+(`Accept-Encoding: identity`; an encoded answer is refused), so no decoder can fail on them. The
+attempt loop and the size cap (`retrying`, `expect_size`, `receive`) are the s3:// downloads' too
+(`loras.s3`), so every remote source has one deadline, one retry rule and one cap.
 
 Messages follow docs/loras.md: the first hop is the host the client named, so its status ("HTTP
 404") may be echoed; nothing about a redirect target (its address, status, whether it answers) is.
@@ -23,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import urljoin
 
 import httpcore
@@ -37,6 +39,7 @@ from serve_app.net.pinned import PinnedBackend
 from serve_app.net.url_policy import HostPolicy, Target, UrlParts, UrlRefused, split_url
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 MAX_REDIRECTS = 5
 BACKOFF_S = 0.2  # the first retry waits this long; each next one twice as long
@@ -87,8 +90,8 @@ class FetchRequest:
     describe_status: Callable[[int, str | None], str] = http_status_reason
 
 
-class _Failure(Exception):
-    """A failed attempt: the error to raise, and whether another attempt may succeed."""
+class Failure(Exception):
+    """A failed attempt: the error to raise, and whether another attempt may succeed (`Fetcher.retrying`)."""
 
     def __init__(self, error: ApiError, transient: bool = False):
         super().__init__(error.message)
@@ -125,22 +128,48 @@ class Fetcher:
         Raises:
             ApiError: LORA_SOURCE_FORBIDDEN for a hop outside the policy, else LORA_DOWNLOAD_FAILED.
         """
+
+        def attempt() -> int:
+            sink.restart()
+            return self._follow(request, sink, deadline)
+
+        return self.retrying(request.label, attempt, deadline)
+
+    def retrying(self, label: str, attempt: Callable[[], T], deadline: float) -> T:
+        """Run `attempt` (one try, raising `Failure`) up to `attempts` times, with backoff, before `deadline`
+        (time.monotonic()); return what it returns. Every remote source's requests go through this loop:
+        URLs here, s3:// objects' HEAD and GET in `loras.s3`.
+
+        Raises:
+            ApiError: the last attempt's error; LORA_DOWNLOAD_FAILED once the deadline passes.
+        """
         last: ApiError | None = None
-        for attempt in range(self.attempts):
-            if attempt:
-                time.sleep(max(0.0, min(BACKOFF_S * 2 ** (attempt - 1), deadline - time.monotonic())))
+        for number in range(self.attempts):
+            if number:
+                time.sleep(max(0.0, min(BACKOFF_S * 2 ** (number - 1), deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 break
-            sink.restart()
             try:
-                return self._follow(request, sink, deadline)
-            except _Failure as failure:
+                return attempt()
+            except Failure as failure:
                 if not failure.transient:
                     raise failure.error from None
                 last = failure.error
         if last is None or time.monotonic() >= deadline:
-            raise download_failed(request.label, DEADLINE_PASSED)
+            raise download_failed(label, DEADLINE_PASSED)
         raise last
+
+    def expect_size(self, label: str, sink: Sink, total: int) -> None:
+        """The size an answer announced: refused over `max_bytes`, else reserved in the cache (CacheFull)."""
+        if total > self.max_bytes:
+            raise Failure(download_failed(label, f"larger than {self.max_bytes} bytes"))
+        sink.expect(total)
+
+    def receive(self, label: str, sink: Sink, chunk: bytes) -> None:
+        """The next bytes of a body, refused once the body passes `max_bytes` whatever it announced."""
+        if sink.size + len(chunk) > self.max_bytes:
+            raise Failure(download_failed(label, f"larger than {self.max_bytes} bytes"))
+        sink.write(chunk)
 
     def _follow(self, request: FetchRequest, sink: Sink, deadline: float) -> int:
         url, previous = request.url, None
@@ -150,7 +179,7 @@ class Fetcher:
             if location is None:
                 return sink.size
             url, previous = urljoin(target.parts.url, location), target.parts
-        raise _Failure(download_failed(request.label, f"redirected more than {MAX_REDIRECTS} times"))
+        raise Failure(download_failed(request.label, f"redirected more than {MAX_REDIRECTS} times"))
 
     # ---- one hop: policy, then one GET ---------------------------------------------------------
 
@@ -199,7 +228,7 @@ class Fetcher:
                 return location
         except httpcore.TimeoutException:
             if time.monotonic() >= deadline:
-                raise _Failure(download_failed(request.label, DEADLINE_PASSED)) from None
+                raise Failure(download_failed(request.label, DEADLINE_PASSED)) from None
             reason = f"timed out after {self.timeout_s:g} s without data"
             raise self._failed(request, hop, reason, f"{display_source(parts.url)}: {reason}", transient=True) from None
         except httpcore.ConnectError as exc:
@@ -229,37 +258,33 @@ class Fetcher:
             transient = status >= 500 or status in _TRANSIENT_STATUS
             raise self._failed(request, hop, reason, f"answered {status}", transient=transient)
         if headers.get("content-type", "").lower().startswith("text/html"):
-            raise _Failure(download_failed(request.label, "got an HTML page, not a file"))
+            raise Failure(download_failed(request.label, "got an HTML page, not a file"))
         if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
-            raise _Failure(download_failed(request.label, "the host sent an encoded (compressed) body"))
+            raise Failure(download_failed(request.label, "the host sent an encoded (compressed) body"))
         length = headers.get("content-length", "").strip()
         if length.isdigit():
-            if int(length) > self.max_bytes:
-                raise _Failure(download_failed(request.label, f"larger than {self.max_bytes} bytes"))
-            sink.expect(int(length))  # counted against the cache cap from now on
+            self.expect_size(request.label, sink, int(length))  # counted against the cache cap from now on
         return None
 
-    def _failed(self, request: FetchRequest, hop: int, reason: str, detail: str, transient: bool = False) -> _Failure:
+    def _failed(self, request: FetchRequest, hop: int, reason: str, detail: str, transient: bool = False) -> Failure:
         """A failed hop: `reason` for the host the client named; for a redirect target one reason, whatever
         happened (closed port, error status, timeout), so its answers and open ports do not show."""
         self._log(request, hop, detail)
-        return _Failure(download_failed(request.label, reason if hop == 0 else REDIRECT_FAILED), transient)
+        return Failure(download_failed(request.label, reason if hop == 0 else REDIRECT_FAILED), transient)
 
-    def _refused(self, request: FetchRequest, hop: int, reason: str, detail: str) -> _Failure:
+    def _refused(self, request: FetchRequest, hop: int, reason: str, detail: str) -> Failure:
         """A hop outside the policy; for a redirect, one reason whatever the rule it broke."""
         self._log(request, hop, detail)
-        return _Failure(forbidden(request.label, reason if hop == 0 else REDIRECT_REFUSED))
+        return Failure(forbidden(request.label, reason if hop == 0 else REDIRECT_REFUSED))
 
     def _read_body(self, request: FetchRequest, chunks: Iterator[bytes], sink: Sink) -> None:
         head = b""
         for chunk in chunks:
             if len(head) < _HEAD_BYTES:
                 head += chunk[: _HEAD_BYTES - len(head)]
-            if sink.size + len(chunk) > self.max_bytes:
-                raise _Failure(download_failed(request.label, f"larger than {self.max_bytes} bytes"))
-            sink.write(chunk)
+            self.receive(request.label, sink, chunk)
         if looks_like_html(head):
-            raise _Failure(download_failed(request.label, "got an HTML page, not a file"))
+            raise Failure(download_failed(request.label, "got an HTML page, not a file"))
 
     def _log(self, request: FetchRequest, hop: int, detail: str) -> None:
         """The detail, for the server's log only (signed query values masked all the same)."""
