@@ -46,7 +46,7 @@ from serve_app.jobs.records import JobRecord, StoredImage, StoredItem, jobs_to_p
 from serve_app.jobs.store import STORE_FAULTS, JobStore
 from serve_app.jobs.webhooks import WebhookSender, message_id
 from serve_app.schemas import ResultMetadata, ResultResponse, StatusResponse, WebhookStatus
-from serve_app.states import JobStatus
+from serve_app.states import FINAL_STATUSES, JobStatus
 from serve_app.web.guards import overloaded
 from serve_app.web.outputs import Links
 from serve_app.workitems import ItemResult, WorkItem
@@ -92,6 +92,14 @@ class JobCounts:
 
 
 @dataclass(frozen=True)
+class StatusCounts:
+    """Jobs by status, every status present (0 included), for metrics."""
+
+    held: dict[JobStatus, int]  # the jobs held now
+    ended: dict[JobStatus, int]  # the jobs this manager ended since it started, by final status
+
+
+@dataclass(frozen=True)
 class RestoreReport:
     finished: int
     resumed: int
@@ -122,6 +130,7 @@ class JobManager:
         self.epoch = uuid.uuid4().hex[:8]  # part of every version: see serving/events.py
         self.closed = False
         self._tasks: set[asyncio.Task] = set()
+        self._ended = dict.fromkeys(sorted(FINAL_STATUSES), 0)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -247,6 +256,12 @@ class JobManager:
         active = [job.record for job in self.jobs.values() if not job.record.finished]
         return JobCounts(jobs=len(self.jobs), active_jobs=len(active), active_items=sum(len(r.items) for r in active))
 
+    def status_counts(self) -> StatusCounts:
+        held = dict.fromkeys(JobStatus, 0)
+        for job in self.jobs.values():
+            held[job.record.status] += 1
+        return StatusCounts(held=held, ended=dict(self._ended))
+
     # ---- running a job ---------------------------------------------------------------------------
 
     async def _run(self, job: Job, restored: bool = False) -> None:
@@ -314,6 +329,7 @@ class JobManager:
     async def _finish(self, job: Job, status: JobStatus, error: ApiError | None = None) -> None:
         if not job.record.finish(status, time.time(), error):
             return
+        self._ended[status] += 1
         job.steps.clear()
         job.signal.bump()
         await self._save_quietly(job)

@@ -207,6 +207,9 @@ class GeneratorReplica:
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-engine")
         self.downloader = Downloader(sources)
         self._max_per_call = engine.max_images_per_call  # a preview model: one, as ai-toolkit draws them
+        stats = engine.compile_stats()
+        if stats is not None:  # the warm-up's compiles, told before any call (and again after each)
+            self.observer.compiled(stats)
 
     def configure(self, settings: BatchSettings) -> None:
         self.settings = settings

@@ -9,7 +9,8 @@ tested without Ray. This shell wires it to Serve:
   ingress also puts on its handle call, so Serve routes each request to replicas that hold its set.
 - `reconfigure` validates the deployment's `user_config` as `BatchSettings` (an unknown key fails
   the deploy with its name) and applies it live.
-- `ray.serve.metrics` (serving/metrics.py) observes the replica.
+- `ray.serve.metrics` (serving/metrics.py) observes the replica; a task sets its gauges again every
+  few seconds, so Ray keeps exporting them.
 - each denoising step of an async job's image goes to FluxJobs through a `ProgressForwarder`
   (serving/progress.py): coalesced, sent from the event loop, never waited for by the engine. The
   FluxJobs handle is looked up at run time: binding it here would make the app a cycle.
@@ -31,7 +32,7 @@ from serve_app.jobs.progress import ItemProgress, ProgressForwarder
 from serve_app.loras.adapters import LoraSet
 from serve_app.loras.sources import LoraSources
 from serve_app.replica.core import GeneratorReplica, LoadSet, LoraState, ReplicaState
-from serve_app.serving.metrics import GeneratorMetrics
+from serve_app.serving.metrics import GeneratorMetrics, keep_exporting
 from serve_app.workitems import ItemResult, LoraUse, WorkItem
 
 MAX_CONCURRENT_BATCHES = 2  # one generating, one encoding (the pipeline lock serializes generation)
@@ -87,11 +88,13 @@ class FluxGenerator:
             engine,
             LoraSources(loras),
             model.batching,
-            max_lora_sets=loras.max_adapters_per_replica,
+            max_lora_sets=model.max_adapters_per_replica or loras.max_adapters_per_replica,
             lora_sets=ServeLoraSets,
             observer=self.metrics,
             on_steps=self.progress.report,
         )
+
+        self._metrics_task = asyncio.get_running_loop().create_task(keep_exporting(self.metrics.export))
 
         async def run_batch(items: list[WorkItem]) -> list[ItemResult | ApiError]:
             return await self.replica.run_batch(items)

@@ -4,10 +4,12 @@ Each replica builds an IngressService from its handles (`serving/dispatch.Genera
 deployments, one per model; `serving/jobs_client.FluxJobsClient` for FluxJobs, every call sent again while
 its replica is replaced) and its health probe, and serves the routes of `web/routes.py` over it (one FastAPI
 app per replica, from `__serve_build_asgi_app__`). The health probe stays here: it reads Serve's status.
+The app's error answers are counted by code (`web/middleware.ErrorCodes`) into `ray.serve.metrics`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -21,8 +23,10 @@ from serve_app.schemas import HealthResponse
 from serve_app.serving.dispatch import Generators
 from serve_app.serving.jobs import server_name
 from serve_app.serving.jobs_client import FluxJobsClient
+from serve_app.serving.metrics import IngressMetrics, keep_exporting
 from serve_app.web.guards import load_api_key
 from serve_app.web.health import HealthProbe
+from serve_app.web.middleware import ErrorCodes
 from serve_app.web.routes import build_api
 from serve_app.web.service import IngressService
 
@@ -46,10 +50,14 @@ class FluxIngress:
             FluxJobsClient(jobs, args.limits.retry_after_s),
             self.health,
         )
+        self.metrics = IngressMetrics()
+        self._metrics_task = asyncio.get_running_loop().create_task(keep_exporting(self.metrics.export))
 
     def __serve_build_asgi_app__(self):
         """Serve asks each replica for its ASGI app after the constructor (late-bound ingress)."""
-        return build_api(self.service, self.args, self.api_key, self.context.replica_id.unique_id)
+        api = build_api(self.service, self.args, self.api_key, self.context.replica_id.unique_id)
+        api.add_middleware(ErrorCodes, on_error=self.metrics.request_failed)  # outermost: sees every answer
+        return api
 
     async def health(self) -> HealthResponse:
         """Each model's state from Serve's status (no replica is woken), then a ping of those that run and of

@@ -8,6 +8,7 @@ The jobs themselves live in the job store (serving/store.py), so they also outli
 - a task renews the lease; a replica that finds it taken stops working at once;
 - its destructor, which Serve calls once the replica has drained, stops the jobs and gives the
   lease up, so a redeploy's new replica takes over without waiting for the lease to expire.
+Its jobs by status go to `ray.serve.metrics` every few seconds (serving/metrics.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from serve_app.jobs.store import StoreLease, open_store
 from serve_app.jobs.webhooks import WebhookSender, load_secret
 from serve_app.schemas import ResultMetadata, ResultResponse, StatusResponse
 from serve_app.serving.dispatch import Generators
+from serve_app.serving.metrics import JobsMetrics, keep_exporting
 from serve_app.workitems import WorkItem
 
 logger = logging.getLogger("ray.serve")
@@ -58,6 +60,8 @@ class FluxJobs:
                     report.resumed, report.orphans_deleted)
         self.manager.start()
         self._lease_task = asyncio.get_running_loop().create_task(self._keep_lease())
+        self.metrics = JobsMetrics()
+        self._metrics_task = asyncio.get_running_loop().create_task(keep_exporting(self._export_metrics))
 
     def __del__(self) -> None:
         """Serve calls this after draining (and Python may again later): stop, and hand the store over."""
@@ -66,6 +70,7 @@ class FluxJobs:
             return
         manager.close()
         self._lease_task.cancel()
+        self._metrics_task.cancel()
         try:
             self.lease.release()
         except Exception as exc:  # the successor then waits for the lease to expire
@@ -83,6 +88,11 @@ class FluxJobs:
                 logger.error("job store %s: another FluxJobs replica holds the lease; this one stops",
                              self.store.description)
                 self.manager.close()
+
+    def _export_metrics(self) -> None:
+        # A replica that lost the store's lease holds jobs no more: its series age out of Ray's export.
+        if not self.manager.closed:
+            self.metrics.export(self.manager.status_counts())
 
     async def ping(self) -> bool:
         return True

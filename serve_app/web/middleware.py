@@ -1,14 +1,17 @@
-"""HTTP plumbing of the ingress: the error envelope and the request body size limit."""
+"""HTTP plumbing of the ingress: the error envelope, the request body size limit and the error codes answered."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from serve_app import errors
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, ErrorCode
+
+ENVELOPE_MAX_BYTES = 64 * 1024  # an error envelope's message and details are short; past this, not one
 
 
 def api_error_response(exc: ApiError, status: int | None = None) -> JSONResponse:
@@ -97,3 +100,47 @@ class ReplicaHeader:
             await send(message)
 
         return await self.app(scope, receive, send_with_header)
+
+
+class ErrorCodes:
+    """ASGI middleware: tells `on_error` the code of each error answer, for metrics.
+
+    An error answer (status 400 or more) is the JSON error envelope; its body is read here as it passes,
+    and sent on unchanged. Any other answer passes unread. An error whose body is not an envelope counts
+    as its status's code (`errors.code_for_status`), and so does an exception that leaves the app.
+    """
+
+    def __init__(self, app, on_error: Callable[[ErrorCode], None]):
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 0
+        body = bytearray()
+
+        async def send_counting(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400:
+                if len(body) <= ENVELOPE_MAX_BYTES:
+                    body.extend(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self.on_error(_envelope_code(bytes(body), status))
+            await send(message)
+
+        try:
+            return await self.app(scope, receive, send_counting)
+        except Exception:
+            if status == 0:  # nothing answered yet: Starlette answers 500 outside this middleware
+                self.on_error(errors.code_for_status(500))
+            raise
+
+
+def _envelope_code(body: bytes, status: int) -> ErrorCode:
+    try:
+        return ErrorCode(json.loads(body)["error"]["code"])
+    except (ValueError, TypeError, KeyError):  # not JSON, not an envelope, or not one of our codes
+        return errors.code_for_status(status)

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tests.support.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["deploy/local.yaml", "deploy/flux-dev.yaml", "deploy/cluster-local.yaml"]
+DASHBOARD = ROOT / "deploy/grafana/flux-serve.json"
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -123,7 +125,8 @@ def test_bad_model_lists_fail_at_start(models, words):
 
 
 def test_serve_run_of_local_yaml_answers_the_example_request_then_stops(tmp_path, flux_cache):
-    """What `make serve` does, on another port, in a fresh directory, ended by SIGTERM to its PID."""
+    """What `make serve` does, on another port, in a fresh directory, ended by SIGTERM to its PID; its metrics
+    feed every panel of the Grafana dashboard."""
     config = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
@@ -150,6 +153,7 @@ def test_serve_run_of_local_yaml_answers_the_example_request_then_stops(tmp_path
         _assert_goldens_reproduced(url)
         _check_a_job_is_stored_and_its_webhook_signed(url, tmp_path)
         _run_the_documented_commands(port, tmp_path)
+        _check_the_dashboards_metrics_are_exported(url, process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -205,6 +209,61 @@ def _run_the_documented_commands(port: int, start_dir: Path) -> None:
         assert "error" not in done.stderr.lower(), (command.page, done.stderr[-2000:])
     assert set(os.listdir(start_dir)) - before == {"out"}  # what the examples write lands in out/
     assert (start_dir / "out/first.jpg").stat().st_size > 0 and list((start_dir / "out/previews").iterdir())
+
+
+def _check_the_dashboards_metrics_are_exported(url: str, serve_pid: int) -> None:
+    """Every metric the Grafana dashboard queries (deploy/grafana/flux-serve.json) is at Ray's metrics endpoint,
+    with the label values its queries match, once the server has answered a generation with a LoRA and an
+    async job (above) and a bad request (here). What never happened (compiles, downloads, most error codes)
+    is there at 0."""
+    bad = httpx.post(f"{url}/v1/generate", json={"model": "no-such-model", "prompts": [{"prompt": "a"}]}, timeout=30)
+    assert bad.json()["error"]["code"] == "MODEL_NOT_FOUND", bad.text
+    session = _ray_session_dir(serve_pid)
+    assert (session / "metrics/grafana/dashboards/serve_grafana_dashboard.json").exists()  # as docs/monitoring.md says
+    [port_file] = session.glob("metrics_export_port_*")  # one node
+    endpoint = f"http://127.0.0.1:{int(port_file.read_text())}/metrics"
+    wanted = _dashboard_series()
+    assert {name for name, _ in wanted} >= {"ray_flux_request_errors_total", "ray_flux_compiles", "ray_flux_jobs"}
+    counted = [("ray_flux_request_errors_total", {"code": "MODEL_NOT_FOUND"}),  # the bad request
+               ("ray_flux_lora_adapter_loads_total", {"model": "flux"}),  # the generation with a LoRA
+               ("ray_flux_jobs_ended_total", {"status": "succeeded"})]  # the job
+    deadline = time.time() + 60  # Ray exports every 10 s
+    while True:
+        exported = _exported_series(httpx.get(endpoint, timeout=10).text)
+        missing = [(name, labels) for name, labels in wanted
+                   if not any(dict(labels).items() <= series.items() for series, _ in exported.get(name, []))]
+        zero = [(name, labels) for name, labels in counted
+                if not any(labels.items() <= series.items() and value >= 1 for series, value in exported.get(name, []))]
+        if not missing and not zero:
+            return
+        assert time.time() < deadline, f"not exported: {missing}; still 0: {zero}"
+        time.sleep(2)
+
+
+def _dashboard_series() -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Each metric the dashboard's queries read (panels and variables), with the labels they match literally."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    queries += [v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    selectors = [found for query in queries for found in re.findall(r"\b(ray_\w+)\s*(\{[^}]*\})?", query)]
+    return {(name, tuple(re.findall(r'(\w+)="([^"$]*)"', labels))) for name, labels in selectors}
+
+
+def _exported_series(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The samples of a Prometheus text page: each metric's series, as labels and value."""
+    series: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for name, labels, value in re.findall(r"^(\w+)(?:\{(.*)\})? (\S+)", text, re.MULTILINE):
+        series.setdefault(name, []).append((dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels)), float(value)))
+    return series
+
+
+def _ray_session_dir(driver_pid: int) -> Path:
+    """The session directory of the Ray that `serve run --address local` started in its own process: Ray names
+    it `session_<date>_<pid of that process>`, under $RAY_TMPDIR/ray (else $TMPDIR/ray, else /tmp/ray)."""
+    temp = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray"
+    sessions = sorted(temp.glob(f"session_*_{driver_pid}"))
+    assert sessions, f"no Ray session of pid {driver_pid} under {temp}"
+    return sessions[-1]
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:

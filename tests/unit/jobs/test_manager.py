@@ -26,6 +26,7 @@ from serve_app.jobs.records import JobRecord, StoredImage, iso, jobs_to_prune
 from serve_app.jobs.store import MemoryStore, open_store
 from serve_app.jobs.webhooks import WebhookSender
 from serve_app.schemas import InferenceRequest, ResultMetadata
+from serve_app.states import FINAL_STATUSES, JobStatus
 from serve_app.workitems import ItemResult, WorkItem
 from tests.support.receiver import Receiver
 
@@ -244,6 +245,34 @@ def test_cancelling_a_queued_job_means_its_work_never_runs():
     cancelled, calls, queued = asyncio.run(go())
     assert (cancelled.status, cancelled.error_code) == ("canceled", errors.CANCELED)
     assert all(request_id != queued for request_id, _ in calls)
+
+
+def test_jobs_by_status_name_every_status_and_count_each_end_once():
+    """What FluxJobs exports as metrics (serving/metrics.py): every status from the start, 0 included."""
+
+    async def go():
+        generators = Generators()
+        jobs = manager(MemoryStore(), generators, max_dispatched_items=1)
+        start = jobs.status_counts()
+        running = await submit(jobs, "hold the only slot")
+        queued = await submit(jobs, "waits")
+        await asyncio.sleep(0.05)
+        middle = jobs.status_counts()
+        await jobs.cancel(queued)
+        await jobs.cancel(queued)  # ends nothing more
+        generators.release.set()
+        await finished(jobs, running)
+        await finished(jobs, await submit(jobs, "fail me"))
+        end = jobs.status_counts()
+        jobs.close()
+        return start, middle, end
+
+    start, middle, end = asyncio.run(go())
+    assert start.held == dict.fromkeys(JobStatus, 0)
+    assert start.ended == dict.fromkeys(FINAL_STATUSES, 0)
+    assert (middle.held[JobStatus.IN_PROGRESS], middle.held[JobStatus.IN_QUEUE]) == (1, 1)
+    assert end.held == {**dict.fromkeys(JobStatus, 0), **dict.fromkeys(FINAL_STATUSES, 1)}
+    assert end.ended == dict.fromkeys(FINAL_STATUSES, 1)
 
 
 # ---- progress and change notification ---------------------------------------------------------------
