@@ -8,9 +8,19 @@ prompt length, pixels) live in `config.Limits` and are checked in `workitems.bui
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from serve_app.config import ModelKind
 from serve_app.net.url_policy import UrlRefused, split_url
@@ -61,7 +71,7 @@ def _finite(value: float | None) -> float | None:
 
 
 class LoraItem(_Request):
-    path: Text = Field(min_length=1, description="Path under the LoRA root, http(s):// URL or hf://owner/repo/file")
+    path: Text = Field(min_length=1, description="Path under the LoRA root, http(s):// URL, hf://owner/repo/file or s3://bucket/key")
     network_multiplier: float | None = Field(
         None, ge=-2.0, le=2.0, description=f"LoRA scale; default {DEFAULT_MULTIPLIER}. 0 gives the base model's image."
     )
@@ -269,6 +279,18 @@ class ModelList(BaseModel):
     models: list[ModelCard]
 
 
+class LoraFileInfo(BaseModel):
+    path: str = Field(description="the name to send in `loras[].path`: relative to the LoRA root, '/'-separated")
+    size_bytes: int
+
+
+class LoraList(BaseModel):
+    loras: list[LoraFileInfo] = Field(description="sorted by `path`")
+    truncated: bool = Field(
+        description="the root holds more files than one answer lists: these are the first by `path`"
+    )
+
+
 class SampleItem(_Request):
     """One entry of an ai-toolkit `sample.samples` list: a prompt and its own settings."""
 
@@ -314,7 +336,9 @@ class PreviewRequest(_Request):
     """Reproduce a training run's sample grid: `POST /v1/previews` (an async job, one image per sample)."""
 
     model: Text = Field(description="A preview model: `flux-preview` (quantize: true) or `flux-preview-bf16`")
-    lora: Text | None = Field(None, description="The LoRA: a root-relative path, URL or hf://; none: the base model")
+    lora: Text | None = Field(
+        None, description="The LoRA: a root-relative path, URL, hf:// or s3://; none: the base model"
+    )
     trigger_word: Text | None = Field(None, description="The job's trigger_word")
     job_name: Text | None = Field(None, max_length=256, description="The job's name, for `[name]`")
     sample: SampleSection
@@ -337,3 +361,77 @@ class HealthResponse(BaseModel):
         default_factory=dict, description="Why an entry of `unavailable` is, where the probe can tell (e.g. `jobs`: "
         "the job store is held by another server)"
     )
+
+
+# ---- the OpenAI Images API (POST /v1/images/generations) ---------------------------------
+
+_SIZE_FORM = re.compile(r"[0-9]{1,6}x[0-9]{1,6}")
+
+
+def _image_size(value: str) -> str:
+    """The form of an Images API size; its bounds are a prompt's width and height (intake/openai_images.py)."""
+    if value != "auto" and not _SIZE_FORM.fullmatch(value):
+        raise ValueError("must be WIDTHxHEIGHT (e.g. 1024x768) or auto")
+    return value
+
+
+ImageSize = Annotated[str, AfterValidator(_image_size)]
+# The fields whose `null` means their default, as the Images API reads it.
+_OPENAI_DEFAULTED = ("n", "response_format", "output_format", "seed", "loras")
+
+
+class ImagesRequest(_Request):
+    """An OpenAI Images API request, plus our extensions (the official SDK sends those in `extra_body`).
+
+    It runs as the /v1/generate request `intake/openai_images.py` makes of it: `n` prompts, image i seeded
+    `seed + i`; steps, guidance and the size are checked against that request's bounds there. The Images API
+    fields we accept and ignore are not declared: like every request model here, it ignores unknown fields
+    (quality, style, background, moderation, output_compression, user, partial_images, stream...).
+    """
+
+    model: Text = Field(description="A configured model id (GET /v1/models), e.g. `flux`")
+    prompt: Text = Field(description="The text; `[trigger]` is replaced by `trigger_word`")
+    n: int = Field(1, ge=1, description="Images to draw, up to the server's limits.max_prompts_per_request")
+    size: ImageSize | None = Field(
+        None, examples=["1024x1024", "768x1344", "auto"],
+        description=f"`WIDTHxHEIGHT`, each 64..4096, floored to a multiple of {RESOLUTION_DIVISOR}; "
+        f"absent or `auto`: {DEFAULT_SIZE}x{DEFAULT_SIZE}",
+    )
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="`url`: the images are kept as an async job's and the answer gives their URLs"
+    )
+    output_format: OutputFormat = Field("png", description="Image encoding (JPEG quality 95, WebP lossless)")
+    # Extensions (extra_body): the fields of /v1/generate's request under their diffusers names.
+    seed: int = Field(DEFAULT_SEED, description="Image i uses seed + i; -1 draws one per image")
+    num_inference_steps: int | None = Field(None, description="Denoising steps, 1..150; default: the model's")
+    guidance_scale: float | None = Field(None, description="FLUX distilled guidance, 0..20; default: the model's")
+    loras: list[LoraItem] = Field(default_factory=list, description="As /v1/generate's `loras`")
+    trigger_word: Text | None = Field(None, description="Replaces `[trigger]` in the prompt")
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"model": "flux", "prompt": "[trigger] a photo of a person", "n": 1,
+                                         "size": "1024x1024", "trigger_word": "sks", "seed": 42,
+                                         "loras": [{"path": "demo/demo_lora.safetensors"}]}]},
+    )
+
+    @field_validator(*_OPENAI_DEFAULTED, mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI clients send `null` for a field left unset (e.g. `"n": null`): it means the default."""
+        if value is None:
+            return cls.model_fields[str(info.field_name)].get_default(call_default_factory=True)
+        return value
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = Field(None, description="Base64 of the image file (response_format b64_json)")
+    url: str | None = Field(None, description="Where to download it (response_format url), while its job is kept")
+    revised_prompt: str | None = Field(
+        None, description="The prompt that drew the image, when it differs from the one sent (the trigger word)"
+    )
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix time, in seconds")
+    data: list[ImageData]

@@ -102,7 +102,7 @@ def find_model(model_id: str, args: AppArgs) -> ModelArgs:
     return model
 
 
-def _limit_error(name: str, limit: int, value: int, where: str) -> ApiError:
+def limit_error(name: str, limit: int, value: int, where: str) -> ApiError:
     return ApiError(
         errors.LIMIT_EXCEEDED,
         f"{where}: {value} exceeds the limit {name}={limit}",
@@ -113,12 +113,12 @@ def _limit_error(name: str, limit: int, value: int, where: str) -> ApiError:
 def _check_request_limits(request: InferenceRequest, args: AppArgs) -> None:
     limits = args.limits
     if len(request.prompts) > limits.max_prompts_per_request:
-        raise _limit_error("max_prompts_per_request", limits.max_prompts_per_request, len(request.prompts), "prompts")
+        raise limit_error("max_prompts_per_request", limits.max_prompts_per_request, len(request.prompts), "prompts")
     for i, p in enumerate(request.prompts):
         if len(p.prompt) > limits.max_prompt_chars:
-            raise _limit_error("max_prompt_chars", limits.max_prompt_chars, len(p.prompt), f"prompts[{i}].prompt")
+            raise limit_error("max_prompt_chars", limits.max_prompt_chars, len(p.prompt), f"prompts[{i}].prompt")
     if len(request.loras) > limits.max_loras_per_request:
-        raise _limit_error("max_loras_per_request", limits.max_loras_per_request, len(request.loras), "loras")
+        raise limit_error("max_loras_per_request", limits.max_loras_per_request, len(request.loras), "loras")
 
 
 def _lora_uses(
@@ -262,9 +262,9 @@ def _check_work(items: list[WorkItem], args: AppArgs) -> None:
     limits = args.limits
     for item in items:
         if item.key.pixels > limits.max_pixels_per_image:
-            raise _limit_error(
+            raise limit_error(
                 "max_pixels_per_image", limits.max_pixels_per_image, item.key.pixels, f"prompts[{item.index}]"
             )
     work = sum(item.key.pixels * item.key.steps for item in items)
     if work > limits.max_work_per_request:
-        raise _limit_error("max_work_per_request", limits.max_work_per_request, work, "prompts")
+        raise limit_error("max_work_per_request", limits.max_work_per_request, work, "prompts")

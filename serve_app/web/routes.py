@@ -27,7 +27,10 @@ from serve_app.schemas import (
     ErrorResponse,
     GenerateResponse,
     HealthResponse,
+    ImagesRequest,
+    ImagesResponse,
     InferenceRequest,
+    LoraList,
     ModelList,
     PreviewRequest,
     ResultResponse,
@@ -58,7 +61,11 @@ class ApiService(Protocol):
 
     async def generate(self, body: InferenceRequest, timeout_s: float) -> GenerateResponse: ...
 
+    async def images(self, body: ImagesRequest, timeout_s: float, origin: str) -> ImagesResponse: ...
+
     async def models(self) -> ModelList: ...
+
+    async def loras(self) -> LoraList: ...
 
     async def health(self) -> HealthResponse: ...
 
@@ -142,10 +149,26 @@ async def generate(body: InferenceRequest, timeout: float = Depends(timeout_s), 
     return await ingress.generate(body, timeout)
 
 
+@router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+async def images(body: ImagesRequest, request: Request, timeout: float = Depends(timeout_s), ingress=Depends(service)):
+    """The OpenAI Images API (the official SDK's `client.images.generate`), run as /v1/generate: the same
+    limits and errors. Our own fields (seed, num_inference_steps, guidance_scale, loras, trigger_word) go in
+    the body, `extra_body` for the SDK; other Images API fields are ignored."""
+    return await ingress.images(body, timeout, str(request.base_url))
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def models(ingress=Depends(service)):
     """Every served model, with its kind, description and defaults."""
     return await ingress.models()
+
+
+@router.get("/v1/loras", response_model=LoraList)
+async def loras(ingress=Depends(service)):
+    """The `.safetensors` files under the server's LoRA root, each by the path a request names it with
+    (`loras[].path`) and its size: sorted by path, the first 1000 (`truncated` says when there are more).
+    Hidden files and folders (a download cache) and symlinks that lead out of the root are never listed."""
+    return await ingress.loras()
 
 
 open_router = APIRouter()  # no API key: load balancers and orchestrators probe it

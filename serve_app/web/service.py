@@ -21,20 +21,29 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Protocol
+from urllib.parse import urljoin
 
 from serve_app import errors
 from serve_app.config import AppArgs, ModelArgs
-from serve_app.errors import ApiError, validation_error
+from serve_app.errors import ApiError, ErrorCode, validation_error
+from serve_app.intake.openai_images import inference_request, revised_prompt
 from serve_app.intake.request_rules import build_work_items, preview_request, request_tokens
 from serve_app.jobs.events import JobUpdate, status_events
 from serve_app.jobs.webhooks import WebhookPolicy
+from serve_app.loras.listing import list_root
 from serve_app.loras.sources import LoraSources
 from serve_app.schemas import (
     DEFAULT_SIZE,
     RESOLUTION_DIVISOR,
     GenerateResponse,
     HealthResponse,
+    ImageData,
+    ImageOutput,
+    ImagesRequest,
+    ImagesResponse,
     InferenceRequest,
+    LoraFileInfo,
+    LoraList,
     LoraReport,
     ModelCard,
     ModelList,
@@ -44,6 +53,7 @@ from serve_app.schemas import (
     StatusResponse,
     SubmitResponse,
 )
+from serve_app.states import JobStatus
 from serve_app.web.guards import InFlight
 from serve_app.web.outputs import Links, inline_image, with_matched_modules
 from serve_app.workitems import ItemResult, WorkItem
@@ -172,6 +182,25 @@ class IngressService:
             request_id=request_id, images=[inline_image(result, preview) for result in results], metadata=metadata
         )
 
+    async def images(self, body: ImagesRequest, timeout_s: float, origin: str) -> ImagesResponse:
+        """The OpenAI Images API: its request made ours (`intake/openai_images.py`) and run as /v1/generate's.
+
+        With `response_format: url` the request runs as an async job instead, waited for here: its images stay
+        in the job store for jobs.ttl_s, at the URLs the job's result gives, made absolute on `origin` (the URL
+        the client called) unless the args set `base_url`.
+        """
+        created = int(time.time())
+        request = inference_request(body, self.args)
+        if body.response_format == "url":
+            stored = await self._job_images(request, timeout_s)
+            data = [ImageData(url=urljoin(origin, image.url), revised_prompt=revised_prompt(body, image))
+                    for image in stored]
+        else:
+            answer = await self.generate(request, timeout_s)
+            data = [ImageData(b64_json=image.data, revised_prompt=revised_prompt(body, image))
+                    for image in answer.images]
+        return ImagesResponse(created=created, data=data)
+
     async def models(self) -> ModelList:
         return ModelList(models=[
             ModelCard(id=m.id, kind=m.kind, description=m.description, base_model=m.base_model,
@@ -180,6 +209,13 @@ class IngressService:
                       default_guidance_scale=m.default_guidance_scale)
             for m in self.args.models
         ])
+
+    async def loras(self) -> LoraList:
+        """The LoRA files under the root (loras/listing.py), walked on a worker thread: the root may be slow
+        network storage, and the event loop serves every other request meanwhile."""
+        listing = await asyncio.to_thread(list_root, self.sources)
+        return LoraList(loras=[LoraFileInfo(path=f.path, size_bytes=f.size) for f in listing.files],
+                        truncated=listing.truncated)
 
     async def health(self) -> HealthResponse:
         return await self._health()
@@ -193,6 +229,22 @@ class IngressService:
             await asyncio.wait_for(asyncio.to_thread(self.webhooks.check, url), timeout=WEBHOOK_CHECK_S)
         except (TimeoutError, OSError):
             pass
+
+    async def _job_images(self, body: InferenceRequest, timeout_s: float) -> list[ImageOutput]:
+        """Run a request as an async job (as /v1/inference), wait for its end, and answer the images it stored;
+        a failed job raises its error. Its caller waits on this replica as a sync caller does, so its items
+        count against max_sync_items_per_ingress too."""
+        with self.sync_in_flight.hold(len(body.prompts)):
+            request_id = (await self.submit(body, timeout_s)).request_id
+            update = await self.jobs.wait_change(request_id, None, 0.0)
+            while not update.finished:  # at the latest by the job's deadline, when it fails with TIMEOUT
+                update = await self.jobs.wait_change(request_id, update.version, EVENTS_POLL_S)
+        status = update.status
+        if status.status != JobStatus.SUCCEEDED:
+            code = ErrorCode(status.error_code or errors.GENERATION_FAILED)
+            raise ApiError(code, status.error or f"request {request_id} {status.status}", {"request_id": request_id})
+        result = await self.jobs.result(request_id)
+        return result.outputs.images if result.outputs is not None else []
 
     def _work_items(self, body: InferenceRequest, request_id: str, timeout_s: float) -> list[WorkItem]:
         items = build_work_items(body, self.args, request_id, resolve_lora=self.sources.canonical)

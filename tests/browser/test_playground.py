@@ -18,19 +18,15 @@ import httpx
 import pytest
 
 from serve_app import errors
-from tests.serve.helpers import app_args, deploy_app, model_args
+from tests.serve.apps import KEY
 
 pytestmark = [pytest.mark.serve, pytest.mark.browser]
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("FLUX_SERVE_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts"))
-KEY = "playground-key-0123456789"
 WAIT_S = 120  # a 256², 4-step image on a busy 2-core machine, with room to spare
-# A preview model allowed to scale to zero: listed by /v1/models with its own defaults, never started.
-PREVIEW = {**model_args("flux-preview", kind="preview", description="ai-toolkit's training preview",
-                        default_steps=20, default_guidance_scale=3.5), "engine": None}
-IDLE = {"FluxGenerator-flux-preview": {"autoscaling_config": {
-    "min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600}}}
+LONG = {"width": "1024", "height": "1024", "steps": "150"}  # many seconds on the small model: a job to cancel
+ROOT_LORAS = {"aitk/style.safetensors", "aitk/other.safetensors", "peft.safetensors", "kohya.safetensors"}
 
 
 def _find(*names: str) -> str | None:
@@ -64,8 +60,9 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(serve_url, lora_root):
-    return deploy_app(serve_url, app_args(lora_root, models=[model_args(), PREVIEW]), deployments=IDLE)
+def url(app_url):
+    """The session's shared app (tests/serve/apps.py): `flux`, the preview model `flux-preview` and others."""
+    return app_url
 
 
 def wait(browser, condition, timeout_s: float = WAIT_S):
@@ -104,6 +101,11 @@ def loaded_images(browser, card) -> list[tuple[int, int]]:
 
 def error_text(browser, element_id: str) -> str:
     return by_id(browser, f"{element_id}-error").get_attribute("textContent")
+
+
+def lora_suggestions(browser) -> list[str]:
+    """The paths the LoRA field offers (its datalist's options)."""
+    return browser.execute_script("return [...document.getElementById('lora').list.options].map(o => o.value)")
 
 
 # ---- the page, over plain HTTP ---------------------------------------------------------------
@@ -267,16 +269,47 @@ def test_recent_results_stay_in_this_browser_and_say_when_they_expired(url, brow
     assert wait(browser, lambda: loaded_images(browser, lighthouse)) == [[256, 256]]
 
 
+def test_the_lora_field_suggests_the_files_of_the_lora_root(url, browser, lora_root):
+    listed = httpx.get(f"{url}/v1/loras").json()
+    names = [entry["path"] for entry in listed["loras"]]
+    assert ROOT_LORAS <= set(names) and names == sorted(names) and listed["truncated"] is False
+    assert not any(part.startswith(".") for name in names for part in name.split("/"))  # not the download cache
+    assert all(entry["size_bytes"] == (lora_root / entry["path"]).stat().st_size for entry in listed["loras"])
+
+    open_page(browser, url)
+    assert by_id(browser, "lora").get_dom_attribute("list") == "lora-files"
+    assert wait(browser, lambda: lora_suggestions(browser), 30) == names
+
+
+def test_cancel_ends_a_running_job_and_the_page_shows_it_canceled(url, browser):
+    open_page(browser, url)
+    assert not by_id(browser, "cancel").is_displayed()  # nothing runs
+    fill(browser, prompt="a picture that takes its time", lora="", **LONG)
+    by_id(browser, "generate").click()
+    wait(browser, lambda: "step" in by_id(browser, "progress-text").text)  # running: it reports its steps
+    card = newest_card(browser)
+    request_id = card.get_attribute("data-request-id")
+    by_id(browser, "cancel").click()
+
+    wait(browser, lambda: by_id(browser, "generate").is_enabled())
+    assert by_id(browser, "progress-text").text == f"canceled: {errors.CANCELED}"
+    assert card.find_element("css selector", ".status").text.startswith(f"canceled: {errors.CANCELED}")
+    assert not by_id(browser, "cancel").is_displayed()
+    assert error_text(browser, "form") == ""  # a cancel asked for is no error
+    status = httpx.get(f"{url}/v1/requests/{request_id}/status").json()
+    assert status["status"] == "canceled" and status["error_code"] == errors.CANCELED
+    # The page remembers the job as canceled.
+    stored = browser.execute_script("return JSON.parse(localStorage.getItem('flux-serve.results'))[0]")
+    assert (stored["request_id"], stored["status"]) == (request_id, "canceled")
+
+
 # ---- with an API key -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def keyed_url(url, lora_root, tmp_path_factory):
-    """The same app with a key required (after the tests above: redeploying restarts every replica)."""
-    key_file = tmp_path_factory.mktemp("playground-secret") / "api-key"
-    key_file.write_text(KEY + "\n")
-    args = app_args(lora_root, models=[model_args(), PREVIEW], auth={"api_key_file": str(key_file)})
-    return deploy_app(url, args, deployments=IDLE)
+def keyed_url(auth_app_url):
+    """The app of its own behind the API key KEY (tests/serve/apps.py); tests/conftest.py runs it last."""
+    return auth_app_url
 
 
 def test_with_a_key_the_page_asks_for_it_and_sends_it_on_every_call(keyed_url, browser):
@@ -295,6 +328,7 @@ def test_with_a_key_the_page_asks_for_it_and_sends_it_on_every_call(keyed_url, b
     fill(browser, **{"api-key": KEY + "\n"})  # Enter uses the key
     wait(browser, lambda: by_id(browser, "generate").is_enabled(), 30)
     assert by_id(browser, "model").get_attribute("value") == "flux" and error_text(browser, "api-key") == ""
+    assert ROOT_LORAS <= set(wait(browser, lambda: lora_suggestions(browser), 30))  # /v1/loras got the key too
     fill(browser, prompt="a key-holder's picture", width="64", height="64", steps="1")
     by_id(browser, "generate").click()
 

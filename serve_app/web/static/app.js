@@ -18,6 +18,7 @@ const FIELD_INPUTS = {
 
 const $ = (id) => document.getElementById(id);
 let models = [];
+let running = null; // the job this page follows, {id, card}, while Cancel can end it
 
 // ---- talking to the API -----------------------------------------------------------------------
 
@@ -148,6 +149,30 @@ function applyModelDefaults() {
   $("job-name-field").hidden = model.kind !== "preview";
 }
 
+// The server's own LoRA files, offered by the LoRA field (any other path or URL can still be typed). A
+// server without the route, or an answer that fails, offers none: suggestions are no reason for an error.
+async function suggestLoras() {
+  let files = [];
+  try {
+    files = (await getJson("v1/loras")).loras;
+  } catch (_) {
+    // no suggestions
+  }
+  $("lora-files").replaceChildren(...files.map((f) => el("option", { value: f.path, label: sizeText(f.size_bytes) })));
+}
+
+function sizeText(bytes) {
+  const units = ["KiB", "MiB", "GiB"];
+  let size = bytes;
+  let unit = "bytes";
+  for (const next of units) {
+    if (size < 1024) break;
+    size /= 1024;
+    unit = next;
+  }
+  return unit === "bytes" ? `${bytes} bytes` : `${size.toFixed(1)} ${unit}`;
+}
+
 // An empty field is left out (the API's default). Anything else is sent as typed, so the API judges it
 // and its error lands beside the field; seeds past 2^53 go as digit strings, which JSON numbers in
 // JavaScript would round.
@@ -207,6 +232,9 @@ async function generate(event) {
     };
     const card = addCard(entry);
     card.querySelector("details").open = true; // the request just sent, ready to copy
+    running = { id: job.request_id, card };
+    $("cancel").disabled = false;
+    $("cancel").hidden = false;
     const final = await follow(job.request_id, (status) => {
       showProgress(status);
       setCardStatus(card, status);
@@ -219,7 +247,10 @@ async function generate(event) {
     } else {
       entry.error_code = final.error_code;
       entry.error = final.error;
-      showError(new ApiError(0, { code: final.error_code || final.status.toUpperCase(), message: final.error || "" }));
+      // A cancel is what someone asked for: the progress line and the card say so, not the form's errors.
+      if (final.status !== "canceled") {
+        showError(new ApiError(0, { code: final.error_code || final.status.toUpperCase(), message: final.error || "" }));
+      }
     }
     remember(entry);
     fillCard(card, entry);
@@ -227,7 +258,25 @@ async function generate(event) {
     showProgress({ status: "failed" });
     showError(error);
   } finally {
+    running = null;
+    $("cancel").hidden = true;
     $("generate").disabled = false;
+  }
+}
+
+// DELETE ends the job wherever it is (queued work never runs; a running image stops at its next step); its
+// answer is the job's status, now canceled, and the event stream then ends the job here as well.
+async function cancel() {
+  if (!running) return;
+  const { id, card } = running;
+  $("cancel").disabled = true;
+  try {
+    const status = await (await api(`v1/requests/${encodeURIComponent(id)}`, { method: "DELETE" })).json();
+    showProgress(status);
+    setCardStatus(card, status);
+  } catch (error) {
+    showError(error);
+    $("cancel").disabled = false;
   }
 }
 
@@ -386,14 +435,24 @@ function showStoredResults() {
 
 // ---- start --------------------------------------------------------------------------------
 
+async function start() {
+  if (!(await loadModels())) {
+    $("lora-files").replaceChildren(); // a forgotten or refused key takes the server's file names with it
+    return;
+  }
+  showStoredResults();
+  suggestLoras();
+}
+
 async function useKey(key) {
   if (key) localStorage.setItem(KEY_STORE, key);
   else localStorage.removeItem(KEY_STORE);
   $("api-key").value = "";
-  if (await loadModels()) showStoredResults();
+  await start();
 }
 
 $("form").addEventListener("submit", generate);
+$("cancel").addEventListener("click", cancel);
 $("model").addEventListener("change", applyModelDefaults);
 $("save-key").addEventListener("click", () => useKey($("api-key").value.trim()));
 $("forget-key").addEventListener("click", () => useKey(""));
@@ -402,4 +461,4 @@ $("api-key").addEventListener("keydown", (event) => {
   event.preventDefault(); // Enter here means "use this key", not "generate"
   useKey($("api-key").value.trim());
 });
-loadModels().then((ok) => ok && showStoredResults());
+start();

@@ -220,3 +220,16 @@ def test_a_jobs_service_that_does_not_answer_is_503_with_retry_after(app, client
     health = client.get("/health")
     assert health.status_code == 503 and health.json()["unavailable"] == ["jobs"]
     assert client.post("/v1/generate", json=body()).status_code == 200  # sync requests need no jobs service
+
+
+def test_strict_reference_takes_exactly_one_lora(lora_dir):
+    """strict_reference answers what the reference server answers; moved here from the serve tests, where it
+    needed a deploy of its own (it is an intake rule, app-wide)."""
+    strict = fake_app(args_with(lora_dir, strict_reference=True))
+    one = {"path": "aitk/style.safetensors"}
+    with TestClient(strict.api) as client:
+        two = client.post("/v1/generate", json=body(loras=[one, {"path": "aitk/other.safetensors"}]))
+        assert (two.status_code, two.json()["error"]["code"]) == (400, errors.SINGLE_LORA_ONLY)
+        none = client.post("/v1/generate", json=body())
+        assert (none.status_code, none.json()["error"]["code"]) == (400, errors.LORA_FILE_REQUIRED)
+        assert client.post("/v1/generate", json=body(loras=[one])).status_code == 200

@@ -78,7 +78,7 @@ def assert_overloaded(answer: httpx.Response, limit: str) -> None:
 
 KEYED_ROUTES = [("POST", "/v1/generate"), ("POST", "/v1/inference"), ("POST", "/v1/previews"), ("GET", "/v1/models"),
                 ("GET", "/v1/requests/x/status"), ("GET", "/v1/requests/x/result"), ("GET", "/v1/requests/x/images/0"),
-                ("GET", "/v1/requests/x/events"), ("DELETE", "/v1/requests/x")]
+                ("GET", "/v1/requests/x/events"), ("DELETE", "/v1/requests/x"), ("GET", "/v1/loras")]
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"},
