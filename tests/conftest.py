@@ -1,7 +1,8 @@
-"""Shared fixtures: the built-in small model, LoRA files and one local Ray Serve, made once per test session.
+"""Shared fixtures: the built-in small model, LoRA files, one local Ray Serve and the apps deployed on it,
+made once per test session.
 
-Everything is made here, offline: no weights are committed and nothing is downloaded. The Ray
-fixture lives here, not under tests/serve/, because the serve and the browser tests share it: a
+Everything is made here, offline: no weights are committed and nothing is downloaded. The Ray and app
+fixtures live here, not under tests/serve/, because the serve and the browser tests share them: a
 fixture imported into a second conftest is a second fixture, and would start Ray twice.
 """
 
@@ -66,8 +67,7 @@ def lora_root(tmp_path_factory) -> Path:
 def serve_url(flux_cache, tiny_dir, tmp_path_factory) -> str:
     """One real local Ray Serve for the whole session, on 127.0.0.1 and a free port (never 8000).
 
-    Each test module deploys the application with the args it needs (`tests.serve.helpers.deploy_app`)
-    and talks to it over real HTTP. Replicas import this checkout (PYTHONPATH), including the test
+    The tests talk over real HTTP to the apps deployed on it (`app_url`, `auth_app_url`). Replicas import this checkout (PYTHONPATH), including the test
     engine (tests/support/engines.py), which writes its call records under a session directory.
     """
     import ray
@@ -82,7 +82,7 @@ def serve_url(flux_cache, tiny_dir, tmp_path_factory) -> str:
     port = free_port()
     ray.init(
         address="local",
-        num_cpus=4,  # logical: the ingress and jobs reserve 0, each generator 1
+        num_cpus=16,  # logical: the ingress and jobs reserve 0, each generator replica 1 (the shared app has 9-11)
         include_dashboard=False,
         object_store_memory=100 * 2**20,
         log_to_driver=False,
@@ -95,3 +95,47 @@ def serve_url(flux_cache, tiny_dir, tmp_path_factory) -> str:
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+# The fixtures of the apps that replace the shared one, in the order their tests run: after every other test.
+_OWN_DEPLOYS = ("reconfigured_url", "auth_app_url")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need no deployed app first (no Ray started yet: the cluster tests start their own), then the
+    shared app's, then each app of its own (tests/serve/apps.py): a deploy replaces the app before it."""
+
+    def rank(item) -> int:
+        names = item.fixturenames
+        own = [i for i, name in enumerate(_OWN_DEPLOYS) if name in names]
+        return 2 + max(own) if own else 1 if "app_url" in names else 0
+
+    items.sort(key=rank)  # stable: the collected order within each rank
+
+
+@pytest.fixture(scope="session")
+def app_state(tmp_path_factory) -> Path:
+    """The shared app's job store and generated webhook secret."""
+    return tmp_path_factory.mktemp("shared-app")
+
+
+@pytest.fixture(scope="session")
+def app_url(serve_url, lora_root, app_state) -> str:
+    """The shared app, deployed once for the session (tests/serve/apps.py)."""
+    from tests.serve.apps import DEPLOYMENTS, shared_app
+    from tests.serve.helpers import deploy_app
+
+    return deploy_app(serve_url, shared_app(lora_root, app_state), ingress={"num_replicas": 2},
+                      deployments=DEPLOYMENTS)
+
+
+@pytest.fixture(scope="session")
+def auth_app_url(serve_url, lora_root, tmp_path_factory) -> str:
+    """The app behind an API key (tests/serve/apps.py); it replaces the shared app, so its tests run last."""
+    from tests.serve.apps import KEY, auth_app
+    from tests.serve.helpers import deploy_app
+
+    key_file = tmp_path_factory.mktemp("secret") / "api-key"
+    key_file.write_text(KEY + "\n")  # a trailing newline, as editors write it: stripped when read
+    args, deployments = auth_app(lora_root, key_file)
+    return deploy_app(serve_url, args, deployments=deployments)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,26 +18,19 @@ import pytest
 from PIL import Image
 
 from serve_app import errors
-from tests.serve.helpers import APP_NAME, app_args, calls, deploy_app, generator_state, model_args, wait_finished
+from tests.serve.helpers import APP_NAME, calls, generator_state, wait_finished
 from tests.support.requests_corpus import ODD_ASYNC_JOB, ODD_SIZES, odd_but_legal_request
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 SMALL = {"width": 64, "height": 64, "sample_steps": 2}
-# Three models behind one ingress: `flux`, a second reference model with other defaults, and one
-# allowed to scale to zero (it starts with no replica).
-SECOND = model_args("flux-b", description="a second model", default_steps=3, default_guidance_scale=2.5)
-IDLE = model_args("flux-idle", description="scales to zero")
-IDLE_AUTOSCALING = {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0,
-                    "downscale_delay_s": 600, "look_back_period_s": 2, "metrics_interval_s": 0.5}
 
 
 @pytest.fixture(scope="module")
-def url(serve_url, lora_root):
-    # Two ingress replicas: status and result must not depend on which one answers.
-    args = app_args(lora_root, models=[model_args(), SECOND, IDLE])
-    return deploy_app(serve_url, args, ingress={"num_replicas": 2},
-                      deployments={"FluxGenerator-flux-idle": {"autoscaling_config": IDLE_AUTOSCALING}})
+def url(app_url):
+    """The shared app (tests/serve/apps.py): `flux`, `flux-b` with other defaults, `flux-idle` that scales to
+    zero, and others, behind two ingress replicas (status and result must not depend on which answers)."""
+    return app_url
 
 
 def body(**overrides) -> dict:
@@ -171,7 +165,10 @@ def test_generation_failure_is_reported_as_a_job_failure(url):
 
 
 def test_models_and_openapi(url):
-    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["models"]] == ["flux", "flux-b", "flux-idle"]
+    from tests.serve.apps import shared_app
+
+    configured = [model.id for model in shared_app(Path("loras"), Path("state")).models]
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["models"]] == configured  # in the config's order
     assert "/v1/generate" in httpx.get(f"{url}/openapi.json").json()["paths"]
 
 
@@ -189,7 +186,7 @@ def test_each_model_runs_on_its_own_generator_deployment(url):
 
     unknown = httpx.post(f"{url}/v1/generate", json=body(model="sdxl")).json()["error"]
     assert unknown["code"] == errors.MODEL_NOT_FOUND
-    assert unknown["details"]["available"] == ["flux", "flux-b", "flux-idle"]
+    assert {"flux", "flux-b", "flux-idle"} <= set(unknown["details"]["available"])
 
 
 def test_health_lists_a_scaled_to_zero_model_without_waking_it(url):

@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from serve_app import errors
-from tests.serve.helpers import app_args, calls, deploy_app, generator_state, wait_finished
+from tests.serve.apps import reconfigured_app
+from tests.serve.helpers import calls, deploy_app, generator_state, wait_finished
 
 pytestmark = pytest.mark.serve
 
@@ -33,21 +34,21 @@ BLOCKER = {"prompt": "blocker", "width": 512, "height": 512, "sample_steps": 60}
 
 
 @pytest.fixture(scope="module")
-def url(serve_url, lora_root):
-    return deploy_app(serve_url, app_args(lora_root))
+def url(app_url):
+    """The shared app's `flux`, at its default batch settings (tests/serve/apps.py)."""
+    assert generator_state().batching.settings.model_dump(include=set(DEFAULT_USER_CONFIG)) == DEFAULT_USER_CONFIG
+    return app_url
 
 
-def configure(url: str, lora_root, **user_config):
-    """Make sure the replica runs with this user_config and return its state. Only a change redeploys:
-    a redeploy from Python restarts the replica, which costs seconds."""
-    state = generator_state()
-    if all(getattr(state.batching.settings, name) == value for name, value in user_config.items()):
-        return state
-    deploy_app(url, app_args(lora_root), generator={"user_config": user_config})
-    state = generator_state()
-    settings = state.batching.settings
-    assert all(getattr(settings, name) == value for name, value in user_config.items()), settings
-    return state
+@pytest.fixture(scope="module")
+def reconfigured_url(app_url, lora_root):
+    """A deploy of its own, with another `user_config`: what the test checks is that deploy taking effect. It
+    replaces the shared app, so tests/conftest.py runs it after every test of that app. Returns the URL and the
+    batch settings before and after."""
+    before = generator_state().batching.settings
+    args, deployments = reconfigured_app(lora_root)
+    deploy_app(app_url, args, deployments=deployments)
+    return app_url, before, generator_state().batching.settings
 
 
 def occupy(url: str) -> str:
@@ -86,7 +87,6 @@ KEYS = {
 
 
 def test_mixed_load_batches_same_keys_only_and_images_match_alone(url, lora_root):
-    configure(url, lora_root, **DEFAULT_USER_CONFIG)
     bodies, key_of_body = [], []
     for round_ in range(3):
         for name, key in KEYS.items():
@@ -123,7 +123,6 @@ def test_mixed_load_batches_same_keys_only_and_images_match_alone(url, lora_root
 
 
 def test_a_stream_of_distinct_keys_leaves_no_state_behind(url, lora_root):
-    configure(url, lora_root, **DEFAULT_USER_CONFIG)
     async def stream(guidances: list[float]) -> list[int]:
         limit = asyncio.Semaphore(16)
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
@@ -152,7 +151,6 @@ GOOD_PROMPTS = [{"prompt": f"neighbour {i}", "seed": 10 + i, "width": 64, "heigh
 
 
 def test_a_failing_item_fails_only_its_own_sync_request(url, lora_root):
-    configure(url, lora_root, **DEFAULT_USER_CONFIG)  # the 4 items fit one batch
     occupy(url)
     failing, good = asyncio.run(post_all(url, "/v1/generate", [request(FAIL_PROMPTS), request(GOOD_PROMPTS)]))
     assert good.status_code == 200, good.text
@@ -165,7 +163,6 @@ def test_a_failing_item_fails_only_its_own_sync_request(url, lora_root):
 
 
 def test_a_failing_item_fails_only_its_own_async_job(url, lora_root):
-    configure(url, lora_root, **DEFAULT_USER_CONFIG)
     occupy(url)
     failing, good = asyncio.run(post_all(url, "/v1/inference", [request(FAIL_PROMPTS), request(GOOD_PROMPTS)]))
     failing_status = wait_finished(url, failing.json()["request_id"])
@@ -175,10 +172,9 @@ def test_a_failing_item_fails_only_its_own_async_job(url, lora_root):
     assert any(not c["ok"] and c["images"] > 2 for c in calls([good.json()["request_id"]]))
 
 
-def test_max_batch_size_of_a_deploy_takes_effect(url, lora_root):
-    before = configure(url, lora_root, **DEFAULT_USER_CONFIG)
-    after = configure(url, lora_root, max_batch_size=2, batch_wait_timeout_s=0.0)
-    assert (before.batching.settings.max_batch_size, after.batching.settings.max_batch_size) == (4, 2)
+def test_max_batch_size_of_a_deploy_takes_effect(reconfigured_url):
+    url, before, after = reconfigured_url
+    assert (before.max_batch_size, after.max_batch_size) == (4, 2)
 
     occupy(url)
     prompts = [{"prompt": f"live {i}", "seed": i, "width": 64, "height": 64, "sample_steps": 1} for i in range(10)]
@@ -188,7 +184,7 @@ def test_max_batch_size_of_a_deploy_takes_effect(url, lora_root):
     assert sum(sizes) == 10 and max(sizes) == 2, sizes
 
 
-def test_batch_metrics_are_exported_by_shape():
+def test_batch_metrics_are_exported_by_shape(url):
     import ray
 
     port = ray.nodes()[0]["MetricsExportPort"]

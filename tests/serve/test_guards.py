@@ -18,24 +18,20 @@ from PIL import Image
 
 from serve_app import errors
 from tests.serve import helpers
-from tests.serve.helpers import app_args, calls, deploy_app, generator_state, steps_run
+from tests.serve.apps import AUTH
+from tests.serve.helpers import calls, generator_state, steps_run
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
-KEY = "test-key-0123456789"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 SMALL = {"width": 64, "height": 64, "sample_steps": 2}
 LONG = {"width": 1024, "height": 1024, "sample_steps": 150}  # many seconds on the small model
 
 
 @pytest.fixture(scope="module")
-def url(serve_url, lora_root, tmp_path_factory):
-    key_file = tmp_path_factory.mktemp("secret") / "api-key"
-    key_file.write_text(KEY + "\n")
-    args = app_args(lora_root, auth={"api_key_file": str(key_file)})
-    # A batch window, so that two jobs submitted together share a pipeline call.
-    options = {"user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.3}}
-    return deploy_app(serve_url, args, generator=options)
+def url(auth_app_url):
+    """An app of its own, behind an API key read at a replica's start, with a batch window on `flux` so that
+    two jobs submitted together share a pipeline call (tests/serve/apps.py)."""
+    return auth_app_url
 
 
 def request(prompts=None, **extra) -> dict:

@@ -27,7 +27,7 @@ from serve_app import errors
 from serve_app.client import iter_sse
 from serve_app.client import main as client_main
 from serve_app.jobs.webhooks import SIGNATURE_HEADER, verify
-from tests.serve.helpers import APP_NAME, app_args, deploy_app, wait_finished
+from tests.serve.helpers import APP_NAME, wait_finished
 from tests.support.receiver import Receiver
 
 pytestmark = pytest.mark.serve
@@ -36,22 +36,14 @@ SMALL = {"width": 64, "height": 64, "sample_steps": 2}
 LONG = {"width": 512, "height": 512, "sample_steps": 60}  # seconds on the small model
 STEPPED = {"width": 384, "height": 384, "sample_steps": 30}  # about 2 s on the small model: several updates
 LOAD_SHAPE = {"width": 256, "height": 256, "sample_steps": 16}  # a second or more: jobs queue up
-LEASE_S = 3.0
 REQUEST_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="module")
-def setup(serve_url, lora_root, tmp_path_factory):
-    state = tmp_path_factory.mktemp("jobs-state")
-    args = app_args(
-        lora_root,
-        jobs={"store": str(state / "store"), "lease_s": LEASE_S, "timeout_s": 60},
-        webhooks={"allowed_hosts": ["127.0.0.1"], "allow_private_addresses": True, "secret_env": "FLUX_TEST_UNSET",
-                  "secret_file": str(state / "webhook_secret"), "generate_secret": True, "backoff_s": 0.2,
-                  "timeout_s": 2.0, "max_attempts": 4},
-    )
-    url = deploy_app(serve_url, args)
-    return url, (state / "webhook_secret").read_text().strip()
+def setup(app_url, app_state):
+    """The shared app (tests/serve/apps.py): a directory job store with a short lease, webhooks to 127.0.0.1
+    signed with the secret it generated in `app_state`."""
+    return app_url, (app_state / "webhook_secret").read_text().strip()
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """LoRAs end to end on a real local Ray Serve: real files, real HTTP (docs/models.md, docs/loras.md).
 
-Three deployments, each made once and shared by its tests (the file runs top to bottom):
-- `url`: one generator replica, a cache of 4 adapters, short download timeouts, a 100 kB file cap;
-- `two_replicas_url`: two generator replicas with a cache of 2 each, both started empty;
-- `small_cache_url`: one replica, a cache of 2, `strict_reference` on.
+Three models of the session's shared app (tests/serve/apps.py):
+- `flux`: one generator replica, a cache of 4 adapters, short download timeouts, a 100 kB file cap (app-wide);
+- `flux-affinity`: two generator replicas with a cache of 2 each, used by no other test (both start empty);
+- `flux-lru2`: one replica with its own cache of 2.
 A local HTTP server on 127.0.0.1 plays the LoRA host for URL sources and counts its hits.
 """
 
@@ -29,7 +29,9 @@ from safetensors.torch import save_file
 
 from serve_app import errors, tiny
 from serve_app.loras.adapters import adapter_name
-from tests.serve.helpers import app_args, deploy_app, free_port, generator_state, wait_finished
+from tests.serve.apps import LORA_TIMEOUT_S as TIMEOUT_S
+from tests.serve.apps import MAX_LORA_FILE as MAX_FILE
+from tests.serve.helpers import free_port, generator_state, wait_finished
 
 pytestmark = pytest.mark.serve
 
@@ -37,8 +39,8 @@ TINY = {"width": 64, "height": 64, "sample_steps": 1}  # load/swap tests: the im
 SMALL = {"width": 64, "height": 64, "sample_steps": 2}  # image tests
 PROMPT = "a photo of a cat"
 SEED = 7
-MAX_FILE = 100_000  # every test LoRA is < 25 kB
-TIMEOUT_S = 0.5
+AFFINITY = "flux-affinity"
+LRU2 = "flux-lru2"
 TRICKLE_S = 3.0  # the slow host: a byte every 0.25 s (never a read timeout), then garbage
 STYLE = "aitk/style.safetensors"
 FORMATS = {
@@ -73,26 +75,8 @@ def lora_files(lora_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(serve_url, lora_root, lora_files):
-    args = app_args(lora_root, loras={"download_timeout_s": TIMEOUT_S, "download_retries": 2,
-                                       "max_file_bytes": MAX_FILE, "max_adapters_per_replica": 4})
-    return deploy_app(serve_url, args)
-
-
-def _small_cache_args(lora_root):
-    return app_args(lora_root, strict_reference=True, loras={"max_adapters_per_replica": 2})
-
-
-@pytest.fixture
-def small_cache_url(serve_url, lora_root, lora_files):
-    return deploy_app(serve_url, _small_cache_args(lora_root))
-
-
-@pytest.fixture
-def two_replicas_url(serve_url, lora_root, lora_files):
-    # Both replicas start empty: a deploy from Python starts new replicas.
-    args = app_args(lora_root, loras={"max_adapters_per_replica": 2})
-    return deploy_app(serve_url, args, generator={"num_replicas": 2})
+def url(app_url, lora_files):
+    return app_url
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -126,18 +110,18 @@ def error_of(answer: httpx.Response, status: int = 400) -> dict:
 
 
 
-def generator_stats() -> dict:
+def generator_stats(model: str = "flux") -> dict:
     """A replica's LoRA state (it waits for a running pipeline call)."""
-    state = generator_state(loras=True)
+    state = generator_state(loras=True, deployment=f"FluxGenerator-{model}")
     return {"replica": state.replica, "loaded_sources": state.loras.loaded, "adapters": state.loras.adapters,
             "lora_loads": state.loras.adapter_loads}
 
 
-def replica_stats(replicas: int, tries: int = 100) -> dict[str, dict]:
+def replica_stats(replicas: int, model: str, tries: int = 100) -> dict[str, dict]:
     """Every replica's stats: asks through the load-balanced handle until each has answered."""
     seen: dict[str, dict] = {}
     for _ in range(tries):
-        stats = generator_stats()
+        stats = generator_stats(model)
         seen.setdefault(stats["replica"], stats)
         if len(seen) == replicas:
             return seen
@@ -408,7 +392,7 @@ def test_a_broken_file_answers_400_and_the_replica_carries_on(url, lora_files, p
 # ---- 3. LoRA affinity across replicas ---------------------------------------------------------
 
 
-def test_affinity_routing_keeps_adapter_loads_low_on_two_replicas(two_replicas_url):
+def test_affinity_routing_keeps_adapter_loads_low_on_two_replicas(url):
     """4 LoRAs, 2 replicas holding 2 each: affinity settles each LoRA on one replica.
 
     Serve learns which sets a replica holds from pushes every 0.1 s. On the small model a request
@@ -418,16 +402,17 @@ def test_affinity_routing_keeps_adapter_loads_low_on_two_replicas(two_replicas_u
     through caches of 2) nearly every one of the 48 requests would load its adapter.
     """
     loras = SWAP[4:8]
-    before = replica_stats(2)
+    before = replica_stats(2, AFFINITY)
     assert all(not stats["loaded_sources"] for stats in before.values())  # a clean start
     for path in loras:  # first sight of each LoRA
-        pixels(generate(two_replicas_url, [lora(path)], size=SMALL))
+        pixels(generate(url, [lora(path)], size=SMALL, model=AFFINITY))
         time.sleep(0.5)
     order = [loras[i % len(loras)] for i in range(44)]  # then round robin, 4 at a time
     with httpx.Client(timeout=60) as client, ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda p: generate(two_replicas_url, [lora(p)], client=client, size=SMALL), order))
+        answers = list(pool.map(lambda p: generate(url, [lora(p)], client=client, size=SMALL, model=AFFINITY),
+                                order))
     assert [a.status_code for a in answers] == [200] * len(order)
-    after = replica_stats(2)
+    after = replica_stats(2, AFFINITY)
     assert set(after) == set(before)
     loads = sum(after[r]["lora_loads"] - before[r]["lora_loads"] for r in after)
     assert loads <= 2 * len(loras) * 2, loads
@@ -435,28 +420,22 @@ def test_affinity_routing_keeps_adapter_loads_low_on_two_replicas(two_replicas_u
         assert_no_stale_adapter(stats, cache_size=2)
 
 
-# ---- 2. LRU eviction, 6. strict_reference (cache of 2) ----------------------------------------
+# ---- 2. LRU eviction (a model's own cache of 2) ------------------------------------------------
+# (strict_reference, an intake rule, is tested without Serve: tests/unit/web/test_api.py)
 
 
-def test_an_lru_of_2_really_unloads_the_evicted_adapter(small_cache_url):
+def test_an_lru_of_2_really_unloads_the_evicted_adapter(url):
+    """`flux-lru2` sets its own cache of 2 over the app's 4: the per-model setting reaches its replicas."""
     first, second, third = SWAP[:3]
     for path in (first, second, third):
-        pixels(generate(small_cache_url, [lora(path)], size=TINY))
-    stats = generator_stats()
+        pixels(generate(url, [lora(path)], size=TINY, model=LRU2))
+    stats = generator_stats(LRU2)
     assert stats["loaded_sources"] == sorted([second, third])
     assert adapter_name(first) not in stats["adapters"]
     assert_no_stale_adapter(stats, cache_size=2)
     loads = stats["lora_loads"]
-    pixels(generate(small_cache_url, [lora(first)], size=TINY))  # back again: loaded anew, `second` goes
-    stats = generator_stats()
+    pixels(generate(url, [lora(first)], size=TINY, model=LRU2))  # back again: loaded anew, `second` goes
+    stats = generator_stats(LRU2)
     assert stats["lora_loads"] == loads + 1
     assert stats["loaded_sources"] == sorted([first, third])
     assert_no_stale_adapter(stats, cache_size=2)
-
-
-def test_strict_reference_takes_exactly_one_lora(small_cache_url):
-    two = error_of(generate(small_cache_url, [lora(STYLE), lora("peft.safetensors")], size=TINY))
-    assert two["code"] == errors.SINGLE_LORA_ONLY
-    none = error_of(generate(small_cache_url, size=TINY))
-    assert none["code"] == errors.LORA_FILE_REQUIRED
-    pixels(generate(small_cache_url, [lora(STYLE)], size=TINY))

@@ -16,7 +16,7 @@ from PIL import Image
 
 from bench.preview_goldens import Residual, png_pixels
 from serve_app import errors
-from tests.serve.helpers import app_args, deploy_app, model_args, wait_finished
+from tests.serve.helpers import wait_finished
 from tests.unit.preview_goldens import (
     GOLDEN_DIR,
     GOLDENS,
@@ -31,22 +31,16 @@ pytestmark = pytest.mark.serve
 
 DEMO = "demo/demo_lora.safetensors"
 SMALL = {"width": 64, "height": 64, "sample_steps": 2}
-IDLE_FLUX = {"FluxGenerator-flux": {"autoscaling_config": {
-    "min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600}}}
 
 
 @pytest.fixture(scope="module")
-def url(serve_url, lora_root):
+def url(app_url, lora_root):
+    """The shared app's `flux-preview` (quantized) and `flux-preview-bf16` (tests/serve/apps.py)."""
     from serve_app.tiny import write_aitoolkit_lora
 
     if not (lora_root / DEMO).exists():
         write_aitoolkit_lora(lora_root / DEMO)  # the demo LoRA, as `make serve` writes it
-    models = [model_args(),
-              {**model_args("flux-preview", kind="preview", quantize=True), "engine": None},
-              {**model_args("flux-preview-bf16", kind="preview", quantize=False), "engine": None}]
-    # `flux` is only refused here (a reference model on /v1/previews), never run: it scales to zero, one
-    # replica fewer to start.
-    return deploy_app(serve_url, app_args(lora_root, models=models), deployments=IDLE_FLUX)
+    return app_url
 
 
 def generate(url: str, body: dict) -> dict:

@@ -1,12 +1,11 @@
 """Resilience (issue 7): load, replica faults and autoscaling on a real local Ray Serve.
 
-Two deployments, each made once and shared by its tests (the file runs top to bottom):
-- `faults_url`: one generator replica, two ingress replicas. A 16-client load, then a generator
-  replica killed under load (its items are retried once, on the replacement Serve starts, or end
-  REPLICA_FAILED), then an ingress replica killed (FluxJobs keeps the jobs, the other ingress
-  reports them).
-- `autoscale_url`: the same args with the generator autoscaled between 1 and 2 replicas on short
-  delays: load brings the second replica, a trickle lets it drain away, no request is lost.
+Two models of their own in the session's shared app (tests/serve/apps.py), which has two ingress replicas:
+- `flux-faults`: one generator replica. A 16-client load, then its replica killed under load (its items
+  are retried once, on the replacement Serve starts, or end REPLICA_FAILED), then an ingress replica
+  killed, last (FluxJobs keeps the jobs, the other ingress reports them; Serve replaces the replica).
+- `flux-auto`: autoscaled between 1 and 2 replicas on short delays: load brings the second replica, a
+  trickle lets it drain away, no request is lost.
 
 Replicas are killed through Ray's own API (`ray.kill` of the replica actor), never by process.
 Load clients are plain HTTP clients: sync ones call /v1/generate, job ones submit to /v1/inference,
@@ -33,43 +32,21 @@ from PIL import Image
 from ray import serve
 
 from serve_app import errors
-from tests.serve.helpers import APP_NAME, GENERATOR, app_args, deploy_app, generator_state
+from tests.serve.apps import JOB_TIMEOUT_S
+from tests.serve.helpers import APP_NAME, generator_state
 
 pytestmark = pytest.mark.serve
 
 SMALL = {"width": 64, "height": 64, "sample_steps": 2}
 REQUEST_TIMEOUT_S = 90  # an answer later than this is a lost request
-JOB_TIMEOUT_S = 60  # FluxJobs fails a job after this: none can stay in progress
+FAULTS = "flux-faults"
+AUTO = "flux-auto"
 ANSWERED = {"image", "overloaded"}
 
 
-def resilience_args(lora_root):
-    return app_args(lora_root, jobs={"timeout_s": JOB_TIMEOUT_S})
-
-
 @pytest.fixture(scope="module")
-def faults_url(serve_url, lora_root):
-    return deploy_app(serve_url, resilience_args(lora_root), ingress={"num_replicas": 2}, generator={"num_replicas": 1})
-
-
-AUTOSCALING = {
-    "min_replicas": 1,
-    "initial_replicas": 1,
-    "max_replicas": 2,
-    "target_ongoing_requests": 2,
-    "upscale_delay_s": 2,
-    "downscale_delay_s": 4,
-    "look_back_period_s": 2,
-    # How often handles and replicas push the request counts the autoscaler decides on (default 10 s).
-    # Deprecated in favour of RAY_SERVE_{HANDLE,REPLICA}_AUTOSCALING_METRIC_PUSH_INTERVAL_S, but Ray
-    # 2.60 does not read those yet: its router and replica push every `metrics_interval_s`.
-    "metrics_interval_s": 0.5,
-}
-
-
-@pytest.fixture(scope="module")
-def autoscale_url(serve_url, lora_root):
-    return deploy_app(serve_url, resilience_args(lora_root), generator={"autoscaling_config": AUTOSCALING})
+def url(app_url):
+    return app_url
 
 
 # ---- load clients --------------------------------------------------------------------------------
@@ -83,8 +60,8 @@ class Answer:
     outcome: str  # "image", "overloaded", "replica_failed", or what went wrong
 
 
-def body(prompt: str, shape: dict = SMALL) -> dict:
-    return {"model": "flux", "prompts": [{"prompt": prompt, **shape}]}
+def body(prompt: str, shape: dict = SMALL, model: str = FAULTS) -> dict:
+    return {"model": model, "prompts": [{"prompt": prompt, **shape}]}
 
 
 def is_image(data: bytes, shape: dict) -> bool:
@@ -109,8 +86,9 @@ class Load:
     Runs its own event loop in a thread, so the test can kill replicas and watch Serve meanwhile.
     """
 
-    def __init__(self, url: str, sync_clients: int, job_clients: int = 0, shape: dict = SMALL):
-        self.url, self.shape = url, shape
+    def __init__(self, url: str, sync_clients: int, job_clients: int = 0, shape: dict = SMALL,
+                 model: str = FAULTS):
+        self.url, self.shape, self.model = url, shape, model
         self.sync_clients, self.job_clients = sync_clients, job_clients
         self.answers: list[Answer] = []
         self._stop = threading.Event()
@@ -148,14 +126,14 @@ class Load:
                 await asyncio.sleep(1.0)  # honour Retry-After, shortened to keep the pressure on
 
     async def _sync(self, client: httpx.AsyncClient, prompt: str) -> str:
-        answer = await client.post("/v1/generate", json=body(prompt, self.shape))
+        answer = await client.post("/v1/generate", json=body(prompt, self.shape, self.model))
         if answer.status_code != 200:
             return error_outcome(answer)
         data = base64.b64decode(answer.json()["images"][0]["data"])
         return "image" if is_image(data, self.shape) else "bad image"
 
     async def _job(self, client: httpx.AsyncClient, prompt: str) -> str:
-        submitted = await client.post("/v1/inference", json=body(prompt, self.shape))
+        submitted = await client.post("/v1/inference", json=body(prompt, self.shape, self.model))
         if submitted.status_code != 200:
             return error_outcome(submitted)
         request_id = submitted.json()["request_id"]
@@ -227,8 +205,8 @@ def generates(url: str) -> bool:
 # ---- load ------------------------------------------------------------------------------------------
 
 
-def test_16_clients_for_10_s_every_request_answered_none_lost(faults_url):
-    load = Load(faults_url, sync_clients=12, job_clients=4).start()
+def test_16_clients_for_10_s_every_request_answered_none_lost(url):
+    load = Load(url, sync_clients=12, job_clients=4).start()
     time.sleep(10)
     answers = load.stop()
     counts = tally(answers)
@@ -239,12 +217,43 @@ def test_16_clients_for_10_s_every_request_answered_none_lost(faults_url):
     assert wait_for(lambda: active_jobs() == 0, 10, what="no active job")
 
 
+# ---- autoscaling -----------------------------------------------------------------------------------
+
+
+def test_the_generator_scales_out_under_load_and_back_in_when_idle(url):
+    assert replica_states(f"FluxGenerator-{AUTO}") == {"RUNNING": 1}
+    load = Load(url, sync_clients=6, job_clients=2, model=AUTO).start()
+    started = time.time()
+    try:
+        decided = wait_for(lambda: sum(replica_states(f"FluxGenerator-{AUTO}").values()) >= 2 and time.time(), 60,
+                           what="a second replica")
+        up = wait_for(lambda: replica_states(f"FluxGenerator-{AUTO}").get("RUNNING", 0) == 2 and time.time(), 60,
+                      what="two replicas RUNNING")
+        time.sleep(3)  # both serve
+    finally:
+        heavy = load.stop()
+    idle = time.time()
+    trickle = Load(url, sync_clients=1, model=AUTO).start()  # requests keep coming while a replica drains
+    try:
+        down = wait_for(lambda: replica_states(f"FluxGenerator-{AUTO}") == {"RUNNING": 1} and time.time(), 60,
+                        what="back to one replica")
+    finally:
+        light = trickle.stop()
+
+    counts = tally(heavy + light)
+    print(f"\nAUTOSCALE: replica added {decided - started:.1f} s after the load began (RUNNING after "
+          f"{up - started:.1f} s); removed {down - idle:.1f} s after the load dropped; "
+          f"{len(heavy) + len(light)} requests answered {dict(counts)}")
+    assert set(counts) <= ANSWERED, counts
+    assert counts["image"] > 0
+
+
 # ---- replica faults --------------------------------------------------------------------------------
 
 
-def test_a_generator_replica_killed_under_load_loses_no_request(faults_url):
-    victim = generator_state().actor_name
-    load = Load(faults_url, sync_clients=6, job_clients=4).start()
+def test_a_generator_replica_killed_under_load_loses_no_request(url):
+    victim = generator_state(deployment=f"FluxGenerator-{FAULTS}").actor_name
+    load = Load(url, sync_clients=6, job_clients=4).start()
     try:
         time.sleep(4)
         killed_at = time.time()
@@ -255,7 +264,7 @@ def test_a_generator_replica_killed_under_load_loses_no_request(faults_url):
             return min(done) if done else None
 
         first_image = wait_for(served_after_kill, REQUEST_TIMEOUT_S, what="an image of a request sent after the kill")
-        running = wait_for(lambda: replica_states(GENERATOR) == {"RUNNING": 1} and time.time(), 60,
+        running = wait_for(lambda: replica_states(f"FluxGenerator-{FAULTS}") == {"RUNNING": 1} and time.time(), 60,
                            what="the replacement replica RUNNING")
         time.sleep(2)
     finally:
@@ -268,16 +277,16 @@ def test_a_generator_replica_killed_under_load_loses_no_request(faults_url):
           f"in {first_image - killed_at:.1f} s, replacement seen RUNNING after {running - killed_at:.1f} s")
     assert set(counts) <= ANSWERED | {"replica_failed"}, counts
     assert sum(in_flight.values()) > 0  # the kill hit requests in flight
-    assert generator_state().actor_name != victim
+    assert generator_state(deployment=f"FluxGenerator-{FAULTS}").actor_name != victim
     assert wait_for(lambda: active_jobs() == 0, 10, what="no job left in progress")
-    assert generates(faults_url)
+    assert generates(url)
 
 
-def test_an_ingress_replica_killed_the_other_reports_its_jobs(faults_url):
+def test_an_ingress_replica_killed_the_other_reports_its_jobs(url):
     assert len(serve_actor("FluxIngress")) == 2
-    done = httpx.post(f"{faults_url}/v1/inference", json=body("done before the kill")).json()
-    assert wait_job(faults_url, done["request_id"])["status"] == "succeeded"
-    submitted = httpx.post(f"{faults_url}/v1/inference",
+    done = httpx.post(f"{url}/v1/inference", json=body("done before the kill")).json()
+    assert wait_job(url, done["request_id"])["status"] == "succeeded"
+    submitted = httpx.post(f"{url}/v1/inference",
                            json=body("running at the kill", {"width": 256, "height": 256, "sample_steps": 20}))
     running = submitted.json()
     victim_replica = submitted.headers["X-Flux-Replica"]
@@ -286,16 +295,16 @@ def test_an_ingress_replica_killed_the_other_reports_its_jobs(faults_url):
 
     seen = set()
     for job in (done, running):
-        answer = httpx.get(f"{faults_url}/v1/requests/{job['request_id']}/status")
+        answer = httpx.get(f"{url}/v1/requests/{job['request_id']}/status")
         assert answer.status_code == 200, answer.text
         seen.add(answer.headers["X-Flux-Replica"])
-    final = wait_job(faults_url, running["request_id"])
+    final = wait_job(url, running["request_id"])
     assert final["status"] == "succeeded", final
     for job in (done, running):
-        result = httpx.get(f"{faults_url}/v1/requests/{job['request_id']}/result")
+        result = httpx.get(f"{url}/v1/requests/{job['request_id']}/result")
         assert result.status_code == 200 and result.json()["status"] == "succeeded"
         seen.add(result.headers["X-Flux-Replica"])
-        image = httpx.get(f"{faults_url}{result.json()['outputs']['images'][0]['url']}")
+        image = httpx.get(f"{url}{result.json()['outputs']['images'][0]['url']}")
         assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
     assert victim_replica not in seen  # the survivor answered
     print(f"\nFAULT ingress kill: jobs reported by {sorted(seen)}, killed {victim_replica}")
@@ -303,34 +312,3 @@ def test_an_ingress_replica_killed_the_other_reports_its_jobs(faults_url):
     # next redeploy would otherwise race the controller noticing the death, and fail.
     wait_for(lambda: len(serve_actor("FluxIngress")) == 2 and not serve_actor("FluxIngress", victim_replica)
              and replica_states("FluxIngress") == {"RUNNING": 2}, 60, what="the ingress replica replaced")
-
-
-# ---- autoscaling -----------------------------------------------------------------------------------
-
-
-def test_the_generator_scales_out_under_load_and_back_in_when_idle(autoscale_url):
-    assert replica_states(GENERATOR) == {"RUNNING": 1}
-    load = Load(autoscale_url, sync_clients=6, job_clients=2).start()
-    started = time.time()
-    try:
-        decided = wait_for(lambda: sum(replica_states(GENERATOR).values()) >= 2 and time.time(), 60,
-                           what="a second replica")
-        up = wait_for(lambda: replica_states(GENERATOR).get("RUNNING", 0) == 2 and time.time(), 60,
-                      what="two replicas RUNNING")
-        time.sleep(3)  # both serve
-    finally:
-        heavy = load.stop()
-    idle = time.time()
-    trickle = Load(autoscale_url, sync_clients=1).start()  # requests keep coming while a replica drains
-    try:
-        down = wait_for(lambda: replica_states(GENERATOR) == {"RUNNING": 1} and time.time(), 60,
-                        what="back to one replica")
-    finally:
-        light = trickle.stop()
-
-    counts = tally(heavy + light)
-    print(f"\nAUTOSCALE: replica added {decided - started:.1f} s after the load began (RUNNING after "
-          f"{up - started:.1f} s); removed {down - idle:.1f} s after the load dropped; "
-          f"{len(heavy) + len(light)} requests answered {dict(counts)}")
-    assert set(counts) <= ANSWERED, counts
-    assert counts["image"] > 0
