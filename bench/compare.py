@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -54,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 
 from bench.load import Shape, drive, latency_summary, parse_shapes, summarize  # noqa: E402
+from bench.machine import describe, summary  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 APP = "flux"
@@ -281,16 +281,14 @@ def one_client_latency(server: Server, shape: Shape, seconds: float, min_request
 
 
 def run(opts) -> dict:
-    import torch
-
     from serve_app.config import AppArgs, BatchSettings
 
+    started = time.perf_counter()
     shapes = opts.shapes
     budget_default = BatchSettings().pixel_budget
     result: dict = {
         "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "load_average_at_start": list(os.getloadavg())},
+        "machine": {"load_average_at_start": list(os.getloadavg())},  # described at the end: torch threads set
         "settings": {"shapes": [s.label for s in shapes], "clients": opts.clients, "seconds_per_config": opts.duration,
                      "rounds": opts.rounds, "warmup_s": opts.warmup, "torch_threads": opts.torch_threads,
                      "batch_size": opts.batch_size, "model": "built-in small model (FLUX.1-dev geometry), CPU",
@@ -360,7 +358,8 @@ def run(opts) -> dict:
             result["replicas_seen"] = len(set(replicas))
 
     result["ratios"] = ratios(result)
-    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    result["machine"] = {**describe(), **result["machine"], "load_average_at_end": list(os.getloadavg())}
+    result["took_s"] = time.perf_counter() - started
     return result
 
 
@@ -387,7 +386,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# Dynamic batching: measured",
         "",
-        f"`make bench` (`python -m bench.compare`) on {result['machine']['cpus']} CPU cores, {result['when']}; "
+        f"`make bench` (`python -m bench.compare`) on {summary(result['machine'])}, {result['when']}"
+        + (f" ({result['took_s'] / 60:.1f} minutes)" if "took_s" in result else "") + "; "
         f"{s['model']}; {s['clients']} concurrent clients sending sync `/v1/generate` requests of one image "
         f"({s['output_format']}); {s['seconds_per_config']:g} s measured per configuration in {s['rounds']} "
         f"alternating rounds; torch threads {s['torch_threads']} in the engine baseline and in the replica. "

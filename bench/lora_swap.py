@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+
+from bench.machine import describe, summary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -217,9 +218,7 @@ def run_bench(opts) -> dict:
         "ratios": ratios,
         "adapter_loads_after_warmup_included": loads,
         "skipped": skipped,
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpus": os.cpu_count(), "torch": __import__("torch").__version__,
-                    "load_average_1m_at_start_and_end": [load_start, os.getloadavg()[0]]},
+        "machine": {**describe(), "load_average_1m_at_start_and_end": [load_start, os.getloadavg()[0]]},
         "finished_at": datetime.now(UTC).isoformat(),
     }
 
@@ -238,7 +237,7 @@ def markdown(result: dict) -> str:
         "",
         f"{s['requests_per_mode']} measured requests per mode after {s['warmup']} warm-up requests, the modes "
         f"interleaved by cycles of {s['loras']}; each request is generate + JPEG encode. "
-        f"Finished {result['finished_at']}.",
+        f"Finished {result['finished_at']} on {summary(result['machine'])}.",
         "",
         "| mode | images/s | images/s from p50 | s/image mean | s/image p50 |",
         "|---|---|---|---|---|",

@@ -13,24 +13,30 @@ values that differ, beside the CPU's capability:
 .venv/bin/python -m bench.preview_goldens --out bench/results      # about 10 s
 .venv/bin/python -m bench.preview_goldens --goldens DIR --out OUT  # another directory of goldens
 ```
+
+The committed results are named by the kernels that drew them (`--name`): `preview_goldens_avx512_bf16`,
+`preview_goldens_avx2`, and `preview_goldens_default_kernels`, drawn with torch's unvectorized kernels:
+
+```bash
+ATEN_CPU_CAPABILITY=default .venv/bin/python -m bench.preview_goldens --out bench/results \
+    --name preview_goldens_default_kernels
+```
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import io
 import json
 import os
-import platform
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
+from bench.machine import CPU_FLAGS, cpu_flags, describe
 from serve_app import tiny
 from serve_app.config import AppArgs, ModelArgs
 from serve_app.engine.preview.model import PreviewModel
@@ -44,7 +50,6 @@ from serve_app.workitems import WorkItem
 GOLDEN_DIR = Path(
     os.environ.get("FLUX_SERVE_PREVIEW_GOLDENS", Path(__file__).resolve().parents[1] / "tests/golden/preview")
 )
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones torch's and oneDNN's bf16 kernels pick by
 
 
 def golden_names(directory: Path = GOLDEN_DIR) -> tuple[str, ...]:
@@ -119,37 +124,9 @@ class Residual:
         return f"max {self.max} mean {self.mean:.4f} levels, {self.share_differing:.2%} of values differ"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-
-
 def draws_like_the_goldens() -> bool:
     """Whether this CPU has the bf16 kernels the goldens were drawn with (AVX512_BF16): there, 0 levels."""
     return "avx512_bf16" in cpu_flags()
-
-
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line)  # the last CPU's; all are alike
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    flags = cpu_flags()
-    return {
-        "cpu": fields.get("model name") or platform.machine(),
-        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS},
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": {name: _version(name) for name in ("torch", "diffusers", "transformers", "optimum-quanto")},
-    }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def measure(directory: Path) -> dict:
@@ -168,7 +145,7 @@ def measure(directory: Path) -> dict:
                                     png_pixels(directory / golden["expected_png"]))
         print(f"{name}: {residual}", flush=True)
         results[name] = {**asdict(residual), "exact": residual.max == 0, "golden_cpu": golden.get("cpu")}
-    return {"machine": machine(), "goldens": results}
+    return {"machine": describe(), "goldens": results}
 
 
 def markdown(report: dict) -> str:
@@ -177,8 +154,9 @@ def markdown(report: dict) -> str:
     lines = [
         "# ai-toolkit's preview goldens drawn here",
         "",
-        f"CPU: {machine_['cpu']} ({flags}); torch kernels: {machine_['torch_cpu_capability']}, "
-        f"{machine_['torch_threads']} threads; versions: {machine_['versions']}",
+        f"CPU: {machine_['cpu']}, {machine_['cpus']} cores ({flags}); "
+        f"torch kernels: {machine_['torch_cpu_capability']}, {machine_['torch_threads']} threads; "
+        f"versions: {machine_['versions']}",
         "",
         "| golden | max levels | mean levels | values differing | exact |",
         "|---|---|---|---|---|",
@@ -191,7 +169,8 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--goldens", type=Path, default=GOLDEN_DIR, help="a directory of <name>.json + PNG goldens")
-    parser.add_argument("--out", type=Path, help="write preview_goldens.json and .md here")
+    parser.add_argument("--out", type=Path, help="write NAME.json and NAME.md here")
+    parser.add_argument("--name", default="preview_goldens", help="the result files' name (default: %(default)s)")
     args = parser.parse_args(argv)
     if not golden_names(args.goldens):
         parser.error(f"no goldens (*.json) in {args.goldens}")
@@ -199,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(report["machine"]))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "preview_goldens.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "preview_goldens.md").write_text(markdown(report))
+        (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / f"{args.name}.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Grouping work items into pipeline calls: one BatchKey per call, cut by a pixel budget.
 
 Batching is not free for a diffusion model (on 2 CPU cores one call of 8 images at 512² cost
-1.75× per image of single calls: bench/results/batching.md), so a key's group is cut into calls
+1.34× per image of single calls: bench/results/batching.md), so a key's group is cut into calls
 of at most max(1, pixel_budget // (width·height)) items: large images run alone.
 """
 

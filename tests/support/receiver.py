@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog (5) drops the SYNs of a burst of POSTs, which the sender's kernel
+    # sends again a second later: a receiver's backlog, not the server, would set those deliveries' time.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 @dataclass(frozen=True)
 class Delivery:
     method: str
@@ -57,8 +64,7 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

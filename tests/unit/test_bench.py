@@ -83,3 +83,21 @@ def test_the_golden_check_draws_every_golden_of_a_directory(tmp_path):
     assert name == GOLDENS[0] and row["max"] <= RESIDUAL.get(name, KERNEL_NOISE)[0]
     assert report["machine"]["versions"]["optimum-quanto"] and "avx512_bf16" in report["machine"]["cpu_flags"]
     assert f"| {name} | {row['max']} |" in (tmp_path / "out/preview_goldens.md").read_text()
+
+
+def test_the_webhook_benchmark_times_deliveries_retries_and_a_hung_receiver(tmp_path):
+    """`bench/webhooks.py`, small: every measurement runs, and the result files name the machine."""
+    from bench import webhooks
+
+    webhooks.main(["--jobs", "3", "--burst", "3", "--retry-runs", "1", "--batch", "2", "--hung", "1",
+                   "--work-ms", "1", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "webhooks.json").read_text())
+    latency = report["latency"]
+    assert latency["one_by_one"]["count"] == 3 and latency["one_by_one"]["attempts"] == [1]
+    assert latency["burst"]["count"] == 3 and latency["one_by_one"]["min_ms"] > 0
+    [retried] = report["retries"]
+    assert retried["attempts"] == 3 and retried["gaps_s"][0] >= webhooks.BACKOFF_S
+    assert retried["gaps_s"][1] >= 2 * webhooks.BACKOFF_S
+    assert len(report["hung_receiver"]["batch_s_while_hung"]) == len(report["hung_receiver"]["batch_s_without"]) == 5
+    assert report["machine"]["cpu"] and report["machine"]["cpus"]
+    assert report["machine"]["cpu"] in (tmp_path / "webhooks.md").read_text()
