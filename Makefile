@@ -57,13 +57,22 @@ $(MYPY_STAMP):
 	$(PY) -m pip install -q --disable-pip-version-check mypy==$(MYPY_VERSION)
 	touch $(MYPY_STAMP)
 
+# Two pytest runs: tests/unit (no Ray) on two workers (pytest-xdist), then the tests that start Ray one at a
+# time (they share one local Ray Serve, or start clusters of their own). With PYTEST_ARGS, one run of those.
 # pytest's exit 5 (no test collected) is a failure. --durations=15: the slowest tests, every run.
+PYTEST_RUN = $(PY) -m pytest --durations=15 $(1); rc=$$?; [ $$rc -ne 5 ] || { echo "no tests ran" >&2; exit 1; }; \
+	[ $$rc -eq 0 ] || exit $$rc
 test: setup
-	$(PY) -m pytest --durations=15 $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || { echo "no tests ran" >&2; exit 1; }; exit $$rc
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(call PYTEST_RUN,tests/unit -n 2)
+	$(call PYTEST_RUN,tests --ignore=tests/unit)
+else
+	$(call PYTEST_RUN,$(PYTEST_ARGS))
+endif
 
-# The inner loop: the tests that start no Ray, no browser and no server process of their own.
+# The inner loop: the tests that start no Ray, no browser and no server process of their own, on two workers.
 test-fast: setup
-	$(PY) -m pytest tests/unit -m "not slow" --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit -m "not slow" -n 2 --durations=10 $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.compare

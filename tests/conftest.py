@@ -98,7 +98,7 @@ def serve_url(flux_cache, tiny_dir, tmp_path_factory) -> str:
 
 
 # The fixtures of the apps that replace the shared one, in the order their tests run: after every other test.
-_OWN_DEPLOYS = ("reconfigured_url", "auth_app_url")
+_OWN_DEPLOYS = ("auth_app_url",)
 
 
 def pytest_collection_modifyitems(items):

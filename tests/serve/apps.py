@@ -1,4 +1,4 @@
-"""The applications the serve and browser tests deploy: one shared app, and two that need a deploy of their own.
+"""The applications the serve and browser tests deploy: one shared app, and one that needs a deploy of its own.
 
 A deploy from Python restarts every replica of the app (Serve gives each deployment a new version), at
 10-30 s on 2 cores, so the session deploys the shared app once (`app_url` in tests/conftest.py) and every
@@ -20,11 +20,10 @@ The app-wide parts serve every module at once: two ingress replicas (status and 
 which answers; test_resilience kills one last), a directory job store with a short lease and webhooks
 (test_jobs kills FluxJobs last), and the LoRA settings of test_loras (download timeout, file cap).
 
-The two apps of their own replace the shared one, so tests that use them run after every other
-(`pytest_collection_modifyitems` in tests/conftest.py orders them):
-- `reconfigured_app`: a changed `user_config` is a deploy, and the test is about that deploy taking effect
-  (test_batching);
-- `auth_app`: the API key is read once, at a replica's start (test_guards and the browser's key flow).
+The app of its own, `auth_app`, replaces the shared one, so the tests that use it run after every other
+(`pytest_collection_modifyitems` in tests/conftest.py orders them). It needs its own deploy twice over: the API
+key is read once, at a replica's start (test_guards and the browser's key flow), and its `flux` has another
+`user_config` than the shared app's, which is what test_batching checks a deploy applies.
 """
 
 from __future__ import annotations
@@ -91,15 +90,10 @@ def shared_app(lora_root: Path, state_dir: Path) -> AppArgs:
     )
 
 
-def reconfigured_app(lora_root: Path) -> tuple[AppArgs, dict[str, dict[str, Any]]]:
-    """`flux` alone, deployed with a `user_config` of 2 items per batch (the app's default is 4)."""
-    return app_args(lora_root), {"FluxGenerator-flux": {"user_config": {"max_batch_size": 2,
-                                                                        "batch_wait_timeout_s": 0.0}}}
-
-
 def auth_app(lora_root: Path, key_file: Path) -> tuple[AppArgs, dict[str, dict[str, Any]]]:
-    """`flux` with a batch window (two jobs submitted together share a pipeline call) and a preview model that
-    scales to zero (listed, never started), behind the API key in `key_file`."""
+    """`flux` with a `user_config` of 2 items per batch (the shared app's runs the default 4) and a batch window
+    (two jobs submitted together share a pipeline call), and a preview model that scales to zero (listed, never
+    started), behind the API key in `key_file`."""
     args = app_args(lora_root, models=[model_args(), PREVIEW], auth={"api_key_file": str(key_file)})
-    return args, {"FluxGenerator-flux": {"user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.3}},
+    return args, {"FluxGenerator-flux": {"user_config": {"max_batch_size": 2, "batch_wait_timeout_s": 0.3}},
                   "FluxGenerator-flux-preview": {"autoscaling_config": IDLE_AUTOSCALING}}

@@ -68,7 +68,7 @@ def deploy_app(serve_url: str, args: AppArgs, *, generator: dict | None = None, 
     if ingress:
         options[INGRESS] = ingress
     # Idle replicas of the previous deploy stop at once instead of after Serve's 2 s wait loop: a
-    # deploy from Python replaces every replica, and the suite deploys about 15 times.
+    # deploy from Python replaces every replica (tests/serve/apps.py: the suite deploys twice).
     for name in (INGRESS, JOBS, *(model.deployment_name for model in args.models)):
         options[name] = {"graceful_shutdown_wait_loop_s": 0.1, **options.get(name, {})}
     key = args.model_dump_json() + json.dumps(options, sort_keys=True)

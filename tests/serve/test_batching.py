@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 
 from serve_app import errors
-from tests.serve.apps import reconfigured_app
-from tests.serve.helpers import calls, deploy_app, generator_state, wait_finished
+from tests.serve.apps import AUTH
+from tests.serve.helpers import calls, generator_state, wait_finished
 
 pytestmark = pytest.mark.serve
 
@@ -40,20 +40,10 @@ def url(app_url):
     return app_url
 
 
-@pytest.fixture(scope="module")
-def reconfigured_url(app_url, lora_root):
-    """A deploy of its own, with another `user_config`: what the test checks is that deploy taking effect. It
-    replaces the shared app, so tests/conftest.py runs it after every test of that app. Returns the URL and the
-    batch settings before and after."""
-    before = generator_state().batching.settings
-    args, deployments = reconfigured_app(lora_root)
-    deploy_app(app_url, args, deployments=deployments)
-    return app_url, before, generator_state().batching.settings
-
-
-def occupy(url: str) -> str:
+def occupy(url: str, headers: dict | None = None) -> str:
     """Start a long call of another shape and return once the pipeline runs it."""
-    job = httpx.post(f"{url}/v1/inference", json={"model": "flux", "prompts": [BLOCKER]}, timeout=30).json()
+    job = httpx.post(f"{url}/v1/inference", json={"model": "flux", "prompts": [BLOCKER]}, headers=headers,
+                     timeout=30).json()
     deadline = time.time() + 30
     while generator_state().batching.running_batches == 0:
         assert time.time() < deadline, "the blocker never started"
@@ -65,8 +55,8 @@ def request(prompts: list[dict], loras: list[dict] | None = None) -> dict:
     return {"model": "flux", "output_format": "png", "prompts": prompts, "loras": loras or []}
 
 
-async def post_all(url: str, path: str, bodies: list[dict]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+async def post_all(url: str, path: str, bodies: list[dict], headers: dict | None = None) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as client:
         return list(await asyncio.gather(*(client.post(path, json=b) for b in bodies)))
 
 
@@ -172,13 +162,15 @@ def test_a_failing_item_fails_only_its_own_async_job(url, lora_root):
     assert any(not c["ok"] and c["images"] > 2 for c in calls([good.json()["request_id"]]))
 
 
-def test_max_batch_size_of_a_deploy_takes_effect(reconfigured_url):
-    url, before, after = reconfigured_url
-    assert (before.max_batch_size, after.max_batch_size) == (4, 2)
+def test_max_batch_size_of_a_deploy_takes_effect(auth_app_url):
+    """The app of its own (tests/serve/apps.py) deploys `flux` with a `user_config` of 2 items per batch, where
+    the shared app's `flux` runs the default 4 (the `url` fixture checks that replica): the deploy takes effect."""
+    url = auth_app_url
+    assert generator_state().batching.settings.max_batch_size == 2
 
-    occupy(url)
+    occupy(url, AUTH)
     prompts = [{"prompt": f"live {i}", "seed": i, "width": 64, "height": 64, "sample_steps": 1} for i in range(10)]
-    answers = asyncio.run(post_all(url, "/v1/generate", [request([p]) for p in prompts]))
+    answers = asyncio.run(post_all(url, "/v1/generate", [request([p]) for p in prompts], AUTH))
     assert all(a.status_code == 200 for a in answers)
     sizes = [c["images"] for c in calls(a.json()["request_id"] for a in answers)]
     assert sum(sizes) == 10 and max(sizes) == 2, sizes
