@@ -74,6 +74,21 @@ def test_the_key_from_the_file_is_required_and_served(url):
     assert httpx.get(f"{url}/health").status_code == 200  # no key
 
 
+def test_the_openai_sdks_api_key_is_the_key(url):
+    import openai
+
+    from tests.serve.apps import KEY
+
+    def draw(api_key: str) -> list:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=60)
+        return client.images.generate(model="flux", prompt="a photo", size="64x64",
+                                      extra_body={"num_inference_steps": 1}).data or []
+
+    with pytest.raises(openai.AuthenticationError):
+        draw("not-the-key")
+    assert len(draw(KEY)) == 1
+
+
 # ---- timeouts and cancel -------------------------------------------------------------------------
 
 

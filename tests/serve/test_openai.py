@@ -85,3 +85,10 @@ def test_a_lora_from_extra_body_is_drawn(client, url):
     request_id = image.url.split("/")[-3]
     metadata = httpx.get(f"{url}/v1/requests/{request_id}/result").json()["metadata"]
     assert [(report["path"], report["matched_modules"] > 0) for report in metadata["loras"]] == [(STYLE, True)]
+
+
+def test_a_bad_size_raises_the_sdks_status_error_carrying_our_message(client):
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.images.generate(model="flux", prompt=PROMPT, size="12x99999")
+    assert 400 <= raised.value.status_code < 500
+    assert raised.value.body["code"] == "VALIDATION_ERROR" and "size" in raised.value.message
