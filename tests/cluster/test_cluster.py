@@ -63,6 +63,27 @@ def test_each_lora_is_loaded_on_one_node_only(cluster):
     assert sum(adapter_loads.values()) == 4, adapter_loads
 
 
+def assert_every_job_succeeded_once(result) -> None:
+    """Every accepted job ended, succeeded, once: in the store exactly the jobs accepted, each with its image."""
+    load = result.load
+    outcomes = load.outcomes()
+    assert outcomes == {"succeeded": len(load.accepted)}, outcomes
+    assert len(set(load.accepted)) == len(load.accepted) and result.accepted_before_kill > 0
+    assert result.new_records == set(load.accepted)  # none lost, none made twice
+    for answer in result.results:
+        assert answer["status"] == "succeeded" and len(answer["outputs"]["images"]) == 1, answer
+
+
+def assert_health_bounded(load) -> None:
+    """/health within the limit at every poll; 200 while a replica of `flux` answered, else 503 naming it, or
+    naming `jobs`: on 2 busy cores, FluxJobs (on the head) may leave the pings of a poll or two unanswered for
+    their whole budget (1.2 s) while the cluster takes a node's loss in."""
+    slowest = load.slowest()
+    assert slowest.took < HEALTH_LIMIT_S, slowest
+    for probe in load.probes:
+        assert probe.status == 200 or (probe.status == 503 and set(probe.unavailable) <= {"flux", "jobs"}), probe
+
+
 # ---- destructive: nodes lost, overlays; each leaves what the next one expects ---------------------------------
 
 
@@ -78,19 +99,9 @@ def test_a_worker_node_lost_under_load_loses_no_job_and_its_replica_comes_back(c
           f"(at {slowest.at:.1f} s), answers {dict(Counter(str(p.status) for p in load.probes))}")
     print(f"node loss: w1 back; its replica RUNNING {result.running_after_s:.1f} s after the restart and serving "
           f"{result.serving_after_s:.1f} s after it ({result.serving_after_kill_s:.1f} s after the kill)")
-    # Every accepted job ended, succeeded, once: in the store exactly the jobs accepted, each with its image.
-    assert outcomes == {"succeeded": len(load.accepted)}, outcomes
-    assert len(set(load.accepted)) == len(load.accepted) and result.accepted_before_kill > 0
+    assert_every_job_succeeded_once(result)
     assert load.accepted and not load.refused, load.refused[:3]
-    assert result.new_records == set(load.accepted)  # none lost, none made twice
-    for answer in result.results:
-        assert answer["status"] == "succeeded" and len(answer["outputs"]["images"]) == 1, answer
-    # /health: within the limit at every poll; 200 while a replica of `flux` answered (w2's), else 503 naming it,
-    # or naming `jobs`: on 2 busy cores, FluxJobs (on the head) may leave the pings of a poll or two unanswered
-    # for their whole budget (1.2 s) while the cluster takes the node's loss in.
-    assert slowest.took < HEALTH_LIMIT_S, slowest
-    for probe in load.probes:
-        assert probe.status == 200 or (probe.status == 503 and set(probe.unavailable) <= {"flux", "jobs"}), probe
+    assert_health_bounded(load)
     assert load.probes[-1].status == 200, load.probes[-1]
     # The node came back (by its documented command): Serve put a new replica there, and it served.
     assert result.replaced and result.served
@@ -151,11 +162,5 @@ def test_fluxjobs_node_lost_a_new_fluxjobs_on_another_node_finishes_every_job(cl
           f"the load was over "
           f"(longest {slowest.took:.2f} s, answers {dict(Counter(str(p.status) for p in load.probes))})")
     assert result.victim in WORKERS and result.replacement_node in WORKERS and result.replacement_node != result.victim
-    assert outcomes == {"succeeded": len(load.accepted)}, outcomes
-    assert len(set(load.accepted)) == len(load.accepted) and result.accepted_before_kill > 0
-    assert result.new_records == set(load.accepted)  # none lost, none made twice
-    for answer in result.results:
-        assert answer["status"] == "succeeded" and len(answer["outputs"]["images"]) == 1, answer
-    assert slowest.took < HEALTH_LIMIT_S, slowest
-    for probe in load.probes:
-        assert probe.status == 200 or (probe.status == 503 and set(probe.unavailable) <= {"jobs", "flux"}), probe
+    assert_every_job_succeeded_once(result)
+    assert_health_bounded(load)
