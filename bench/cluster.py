@@ -96,6 +96,7 @@ def run(cluster: LocalCluster) -> dict:
                              "running_after_s": round(scaling.running_after_s, 1),
                              "nodes_at_peak": scaling.nodes_at_peak, "added_replica_served": scaling.new_replica_served,
                              "removed_after_idle_s": round(scaling.removed_after_s, 1),
+                             "trickle_answered": scaling.trickle_answered,
                              "answers": {str(k): v for k, v in scaling.statuses.items()}}
     print(f"autoscaling: {result['autoscaling']}", flush=True)
 
@@ -165,7 +166,8 @@ def markdown(report: dict) -> str:
         f"| under load (3 clients of 128×128, 4 steps) | a second replica decided after {s['decided_after_s']} s, "
         f"RUNNING after {s['running_after_s']} s, on {t(s['nodes_at_peak'])}; it served "
         f"{s['added_replica_served']} requests |",
-        f"| idle again | removed {s['removed_after_idle_s']} s after the load stopped; answers {t(s['answers'])} |",
+        f"| the load down to one client | the added replica removed {s['removed_after_idle_s']} s after the load "
+        f"stopped, while that client's {s['trickle_answered']} requests were answered; answers {t(s['answers'])} |",
         f"| FluxJobs' node lost (FluxJobs on {j['victim']}, with a generator replica: "
         f"{t(j['victim_had_generator'])}; SIGKILL {j['killed_at_s']} s into the same job load) | jobs accepted "
         f"{j['accepted']} ({j['accepted_before_kill']} before the kill), succeeded {j['succeeded']}, lost or failed "

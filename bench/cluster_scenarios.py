@@ -540,12 +540,14 @@ class Autoscaling:
     nodes_at_peak: list[str]  # the nodes of the generator's actors at 2 replicas (state API)
     new_replica_served: int  # requests the added replica served while the load lasted
     removed_after_s: float  # since the load stopped, until Serve was back to one replica
-    statuses: Counter
+    statuses: Counter  # of the load's answers and the trickle's
+    trickle_answered: int  # requests of one client that kept sending while the added replica drained
 
 
 def autoscaling(cluster: LocalCluster, clients: int = 3, timeout_s: float = 150) -> Autoscaling:
     """The generator autoscaled (AUTOSCALING: min 1, max 2) by an overlay (`last_overlay`): under load, Serve adds
-    a replica, which can only go to the other worker (one replica per node); idle again, it removes it.
+    a replica, which can only go to the other worker (one replica per node); with the load down to one client,
+    it removes it while that client's requests keep coming (none may be lost while the replica drains).
 
     Ray 2.60 counts the deployments' autoscaling policies in an application's code version, so the first deploy
     that gives a deployment an `autoscaling_config` rebuilds the whole app: every replica is replaced, the
@@ -573,15 +575,20 @@ def autoscaling(cluster: LocalCluster, clients: int = 3, timeout_s: float = 150)
     finally:
         load.stop()
     stopped = time.monotonic()
-    added = [r for r in cluster.replicas(GENERATOR) if r["replica_id"] != kept_id]
-    served = len(served_request_ids(cluster, added[0]) & {request_id for request_id, _ in load.answers}) if added else 0
-    wait_until(lambda: len(cluster.replicas(GENERATOR)) == 1 and len(cluster.replica_nodes()) == 1, timeout_s,
-               "back to one generator replica")
-    removed = time.monotonic() - stopped
+    trickle = GenerateLoad(cluster.url, 1, SMALL).start()  # below target_ongoing_requests: scale in
+    try:
+        added = [r for r in cluster.replicas(GENERATOR) if r["replica_id"] != kept_id]
+        ids = {request_id for request_id, _ in load.answers}
+        served = len(served_request_ids(cluster, added[0]) & ids) if added else 0
+        wait_until(lambda: len(cluster.replicas(GENERATOR)) == 1 and len(cluster.replica_nodes()) == 1, timeout_s,
+                   "back to one generator replica")
+        removed = time.monotonic() - stopped
+    finally:
+        trickle.stop()
     assert decided is not None and running is not None, (
         f"after {timeout_s} s of load: second replica decided {decided is not None}, RUNNING {running is not None}")
     return Autoscaling(redeployed, kept, decided, running, nodes_at_peak, served, removed,
-                       Counter(status for _, status in load.answers))
+                       Counter(status for _, status in load.answers + trickle.answers), len(trickle.answers))
 
 
 def last_overlay(cluster: LocalCluster) -> dict:

@@ -82,7 +82,7 @@ def serve_url(flux_cache, tiny_dir, tmp_path_factory) -> str:
     port = free_port()
     ray.init(
         address="local",
-        num_cpus=16,  # logical: the ingress and jobs reserve 0, each generator replica 1 (the shared app has 9-11)
+        num_cpus=16,  # logical: the ingress and jobs reserve 0, each generator replica 1 (the shared app has 7-9)
         include_dashboard=False,
         object_store_memory=100 * 2**20,
         log_to_driver=False,

@@ -137,14 +137,16 @@ def test_a_job_store_held_by_another_server_is_named_by_health_until_it_is_free(
     assert result.job_after == "succeeded"
 
 
-def test_the_generator_scales_out_to_the_other_worker_under_load_and_back_when_idle(cluster):
+def test_the_generator_scales_out_to_the_other_worker_under_load_and_back_in_as_the_load_drops(cluster):
     result = scenarios.autoscaling(cluster)
     print(f"\nautoscaling: the overlay serving on one replica (on {result.kept}) {result.redeployed_after_s:.1f} s "
           f"after `serve deploy`; under load a second decided after {result.decided_after_s:.1f} s, RUNNING after "
           f"{result.running_after_s:.1f} s on {result.nodes_at_peak}, served {result.new_replica_served}; removed "
-          f"{result.removed_after_s:.1f} s after the load stopped; answers {dict(result.statuses)}")
+          f"{result.removed_after_s:.1f} s after the load stopped, while one client sent "
+          f"{result.trickle_answered} requests; answers {dict(result.statuses)}")
     assert result.nodes_at_peak == ["w1", "w2"]  # 2 replicas on 2 different nodes, from the state API
     assert result.new_replica_served > 0
+    assert result.trickle_answered > 0  # requests kept coming while the added replica drained
     assert set(result.statuses) == {200}, result.statuses  # no request lost, scaling out or in
 
 

@@ -8,13 +8,11 @@ something uses a model of its own, or runs last in its module:
 | model | who | what differs |
 |---|---|---|
 | `flux` | most tests | the small model and the recording engine; adapter cache of 4 (the app's) |
-| `flux-b` | test_api | other defaults (steps 3, guidance 2.5) |
+| `flux-b` | test_api, test_loras | other defaults (steps 3, guidance 2.5); its own adapter cache of 2 (a per-model setting) |
 | `flux-idle` | test_api | scales to zero: no replica until a request comes |
 | `flux-preview`, `flux-preview-bf16` | test_previews, browser | ai-toolkit's previews, quantized and bf16 |
-| `flux-lru2` | test_loras | its own adapter cache of 2 (a per-model setting) |
 | `flux-affinity` | test_loras | two replicas with a cache of 2 each, used by no other test |
 | `flux-faults` | test_resilience | one replica the tests kill |
-| `flux-auto` | test_resilience | autoscaling 1-2 on short delays |
 
 The app-wide parts serve every module at once: two ingress replicas (status and result must not depend on
 which answers; test_resilience kills one last), a directory job store with a short lease and webhooks
@@ -42,19 +40,6 @@ LORA_TIMEOUT_S = 0.5  # the whole-download deadline of URL LoRAs (test_loras' sl
 MAX_LORA_FILE = 100_000  # bytes: a bigger URL LoRA is refused (every test LoRA is < 25 kB)
 IDLE_AUTOSCALING = {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0,
                     "downscale_delay_s": 600, "look_back_period_s": 2, "metrics_interval_s": 0.5}
-AUTOSCALING = {
-    "min_replicas": 1,
-    "initial_replicas": 1,
-    "max_replicas": 2,
-    "target_ongoing_requests": 2,
-    "upscale_delay_s": 2,
-    "downscale_delay_s": 4,
-    "look_back_period_s": 2,
-    # How often handles and replicas push the request counts the autoscaler decides on (default 10 s).
-    # Deprecated in favour of RAY_SERVE_{HANDLE,REPLICA}_AUTOSCALING_METRIC_PUSH_INTERVAL_S, but Ray
-    # 2.60 does not read those yet: its router and replica push every `metrics_interval_s`.
-    "metrics_interval_s": 0.5,
-}
 PREVIEW = {**model_args("flux-preview", kind="preview", description="ai-toolkit's training preview",
                         default_steps=20, default_guidance_scale=3.5), "engine": None}
 PREVIEW_BF16 = {**model_args("flux-preview-bf16", kind="preview", quantize=False), "engine": None}
@@ -62,7 +47,6 @@ PREVIEW_BF16 = {**model_args("flux-preview-bf16", kind="preview", quantize=False
 DEPLOYMENTS: dict[str, dict[str, Any]] = {
     "FluxGenerator-flux-idle": {"autoscaling_config": IDLE_AUTOSCALING},
     "FluxGenerator-flux-affinity": {"num_replicas": 2},
-    "FluxGenerator-flux-auto": {"autoscaling_config": AUTOSCALING},
 }
 
 
@@ -70,14 +54,13 @@ def shared_app(lora_root: Path, state_dir: Path) -> AppArgs:
     """The args of the session's shared app (module docstring)."""
     models = [
         model_args(),
-        model_args("flux-b", description="a second model", default_steps=3, default_guidance_scale=2.5),
+        model_args("flux-b", description="a second model", default_steps=3, default_guidance_scale=2.5,
+                   max_adapters_per_replica=2),
         model_args("flux-idle", description="scales to zero"),
         PREVIEW,
         PREVIEW_BF16,
-        model_args("flux-lru2", max_adapters_per_replica=2),
         model_args("flux-affinity", max_adapters_per_replica=2),
         model_args("flux-faults"),
-        model_args("flux-auto"),
     ]
     return app_args(
         lora_root,

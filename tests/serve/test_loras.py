@@ -3,7 +3,7 @@
 Three models of the session's shared app (tests/serve/apps.py):
 - `flux`: one generator replica, a cache of 4 adapters, short download timeouts, a 100 kB file cap (app-wide);
 - `flux-affinity`: two generator replicas with a cache of 2 each, used by no other test (both start empty);
-- `flux-lru2`: one replica with its own cache of 2.
+- `flux-b`: one replica with its own cache of 2 (and other defaults, which test_api checks).
 A local HTTP server on 127.0.0.1 plays the LoRA host for URL sources and counts its hits.
 """
 
@@ -40,7 +40,7 @@ SMALL = {"width": 64, "height": 64, "sample_steps": 2}  # image tests
 PROMPT = "a photo of a cat"
 SEED = 7
 AFFINITY = "flux-affinity"
-LRU2 = "flux-lru2"
+LRU2 = "flux-b"
 TRICKLE_S = 3.0  # the slow host: a byte every 0.25 s (never a read timeout), then garbage
 STYLE = "aitk/style.safetensors"
 FORMATS = {
@@ -425,7 +425,7 @@ def test_affinity_routing_keeps_adapter_loads_low_on_two_replicas(url):
 
 
 def test_an_lru_of_2_really_unloads_the_evicted_adapter(url):
-    """`flux-lru2` sets its own cache of 2 over the app's 4: the per-model setting reaches its replicas."""
+    """`flux-b` sets its own cache of 2 over the app's 4: the per-model setting reaches its replicas."""
     first, second, third = SWAP[:3]
     for path in (first, second, third):
         pixels(generate(url, [lora(path)], size=TINY, model=LRU2))
