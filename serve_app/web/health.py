@@ -107,20 +107,26 @@ class HealthProbe:
     async def check(self) -> HealthResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.budget_s
-        deployments = await self._status(min(deadline, loop.time() + self.status_timeout_s))
-        models = {m.id: model_health(None if deployments is None else deployments.get(m.deployment_name))
-                  for m in self.models}
-        ready = [model for model, health in models.items() if health.state == "ready"]
-        jobs_running = deployments is None or model_health(deployments.get(self.jobs_deployment)).state == "ready"
         pings_until = deadline - min(CAUSE_TIMEOUT_S, self.budget_s / 4)  # the rest: time to find a cause
-        checks = [_answered(partial(self._ping_model, model), pings_until, self.hedge_s) for model in ready]
-        if jobs_running:
-            checks.append(_answered(self._ping_jobs, pings_until, self.hedge_s))
-        answers = await asyncio.gather(*checks)
+        # FluxJobs is pinged from the start, beside the status read: it never scales to zero, so its ping wakes
+        # nothing, and a controller slow to answer (busy with a lost node, say) must not eat the ping's time.
+        jobs_ping = asyncio.ensure_future(_answered(self._ping_jobs, pings_until, self.hedge_s))
+        try:
+            deployments = await self._status(min(deadline, loop.time() + self.status_timeout_s))
+            models = {m.id: model_health(None if deployments is None else deployments.get(m.deployment_name))
+                      for m in self.models}
+            ready = [model for model, health in models.items() if health.state == "ready"]
+            jobs_running = deployments is None or model_health(deployments.get(self.jobs_deployment)).state == "ready"
+            if not jobs_running:  # starting (waiting for the job store's lease, say): no ping can answer yet
+                jobs_ping.cancel()
+            answers = await asyncio.gather(
+                *(_answered(partial(self._ping_model, model), pings_until, self.hedge_s) for model in ready))
+            jobs_ok = jobs_running and await jobs_ping
+        finally:
+            jobs_ping.cancel()
         for model, answered in zip(ready, answers):
             if not answered:
                 models[model] = models[model].model_copy(update={"state": "unavailable"})
-        jobs_ok = jobs_running and answers[-1]
         causes = {}
         if deployments is None:
             causes.update({m.id: "Serve's status did not come in time" for m in self.models})
