@@ -68,9 +68,10 @@ def deploy_app(serve_url: str, args: AppArgs, *, generator: dict | None = None, 
     if ingress:
         options[INGRESS] = ingress
     # Idle replicas of the previous deploy stop at once instead of after Serve's 2 s wait loop: a
-    # deploy from Python replaces every replica (tests/serve/apps.py: the suite deploys twice).
+    # deploy from Python replaces every replica (tests/serve/apps.py: the suite deploys twice). And a
+    # replica a test kills is noticed at Serve's next health check of it: within 1 s, not Serve's 10 s.
     for name in (INGRESS, JOBS, *(model.deployment_name for model in args.models)):
-        options[name] = {"graceful_shutdown_wait_loop_s": 0.1, **options.get(name, {})}
+        options[name] = {"graceful_shutdown_wait_loop_s": 0.1, "health_check_period_s": 1, **options.get(name, {})}
     key = args.model_dump_json() + json.dumps(options, sort_keys=True)
     if _deployed["key"] != key:
         _deployed["key"] = None  # a failed deploy must not look current
