@@ -14,7 +14,6 @@ generator deployment is named `FluxGenerator-<its id>`).
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -29,7 +28,6 @@ from serve_app.serving.jobs import FluxJobs
 
 logger = logging.getLogger("ray.serve")
 
-DEMO_LORA = "demo/demo_lora.safetensors"
 INGRESS = "FluxIngress"
 JOBS = JOBS_DEPLOYMENT
 
@@ -47,8 +45,8 @@ def build_app_with(args: AppArgs, deployments: dict[str, dict[str, Any]]) -> App
     """`build_app` with deployment options given in code, keyed by deployment name, as a YAML's
     `deployments:` section gives them (tests and benchmarks use it)."""
     args = args.resolved()
-    if args.loras.write_demo:
-        _write_demo_lora(args)
+    if args.loras.write_demo and not any(model.source == TINY_SOURCE for model in args.models):
+        logger.warning("loras.write_demo is set but no model is `tiny`: the demo LoRA would not fit; none is written")
     if args.webhooks.generate_secret:
         _generate_webhook_secret(args)
     generators = {
@@ -92,16 +90,3 @@ def _generate_webhook_secret(args: AppArgs) -> None:
         return
     if write_secret_file(secret_file):
         logger.info("webhooks: generated a signing secret in %s", secret_file)
-
-
-def _write_demo_lora(args: AppArgs) -> None:
-    """The demo LoRA of the built-in small model, at <lora root>/demo/demo_lora.safetensors."""
-    if not any(model.source == TINY_SOURCE for model in args.models):
-        logger.warning("loras.write_demo is set but no model is `tiny`: the demo LoRA would not fit; skipped")
-        return
-    from serve_app.tiny import write_aitoolkit_lora
-
-    path = Path(args.loras.root) / DEMO_LORA
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_aitoolkit_lora(path)

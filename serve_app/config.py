@@ -29,6 +29,7 @@ from pydantic import (
 from serve_app.net.url_policy import check_host_entry
 
 TINY_SOURCE = "tiny"
+DEMO_LORA = "demo/demo_lora.safetensors"  # under the LoRA root: the built-in small model's demo LoRA
 GENERATOR_PREFIX = "FluxGenerator-"
 JOBS_DEPLOYMENT = "FluxJobs"  # generators look it up by name to report progress
 

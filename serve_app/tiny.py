@@ -21,6 +21,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
+from serve_app.config import DEMO_LORA
+
 TINY_VERSION = "v1"  # bump when anything below changes the written bytes
 SEED = 1234
 # A small English vocabulary: both tokenizers learn these words whole, so prompts map to varied ids.
@@ -225,6 +227,22 @@ def write_aitoolkit_lora(path: str | Path, *, rank: int = 4, seed: int = 0, scal
         "training_info": json.dumps({"step": 250, "epoch": 1}),
     }
     return _save(path, tensors, metadata)
+
+
+def ensure_demo_lora(lora_root: str | Path) -> Path:
+    """`<lora root>/demo/demo_lora.safetensors` (`loras.write_demo`), written once. Safe when several replicas
+    race to write it: each writes beside it and renames, so a reader never sees half a file."""
+    path = Path(lora_root) / DEMO_LORA
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))  # the file keeps its name: it is in its metadata
+    try:
+        write_aitoolkit_lora(tmp / path.name)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def write_peft_lora(path: str | Path, *, rank: int = 4, seed: int = 1, with_alpha: bool = True) -> Path:

@@ -25,7 +25,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import JOBS_DEPLOYMENT, LoraArgs, ModelArgs
+from serve_app.config import JOBS_DEPLOYMENT, TINY_SOURCE, LoraArgs, ModelArgs
 from serve_app.engine.factory import build_engine
 from serve_app.errors import ApiError
 from serve_app.jobs.progress import ItemProgress, ProgressForwarder
@@ -82,6 +82,12 @@ class FluxGenerator:
         self.metrics = GeneratorMetrics(model.id)
         engine = build_engine(model)
         engine.warmup()  # a compiled engine compiles its warm-up shapes before the replica reports healthy
+        if loras.write_demo and model.source == TINY_SOURCE:
+            # Here, not when the app is built: writing it needs diffusers, which this replica has loaded already,
+            # and the app's build is on the critical path of every deploy (6 s more on 2 cores).
+            from serve_app.tiny import ensure_demo_lora
+
+            ensure_demo_lora(loras.root)
         self._jobs: DeploymentHandle | None = None
         self.progress = ProgressForwarder(self._send_progress, asyncio.get_running_loop())
         self.replica = GeneratorReplica(

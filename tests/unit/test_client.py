@@ -45,11 +45,11 @@ def test_the_clients_request_for_a_job_config():
 def test_the_shipped_example_is_a_preview_make_serve_accepts():
     """examples/preview_job.yaml with the demo LoRA is a valid /v1/previews body, and deploy/local.yaml's
     server turns it into work: a served preview model, small images, the demo LoRA where the app writes it."""
-    from serve_app.app import DEMO_LORA  # imports Ray as a library only (no cluster)
+    from serve_app.config import DEMO_LORA
 
     local = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
     args = AppArgs.model_validate(local["applications"][0]["args"])
-    assert args.loras.write_demo  # the app writes DEMO_LORA under loras.root on start
+    assert args.loras.write_demo  # its tiny generators write DEMO_LORA under loras.root on start
     body = preview_request(yaml.safe_load(EXAMPLE.read_text()), DEMO_LORA, None, "png")
     preview = PreviewRequest.model_validate(body)
     model = args.model(preview.model)

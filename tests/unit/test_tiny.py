@@ -172,3 +172,24 @@ def test_cli_writes_model_and_demo_lora(tmp_path, capsys):
     assert (tmp_path / "m" / "model_index.json").exists()
     assert (tmp_path / "demo.safetensors").exists()
     assert str(tmp_path / "m") in capsys.readouterr().out
+
+
+def test_the_demo_lora_is_written_once_whole_and_as_the_ai_toolkit_writer_writes_it(tmp_path):
+    """Each tiny generator replica makes sure of it at its start: several may race, none sees half a file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_app.config import DEMO_LORA
+
+    root = tmp_path / "loras"
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: tiny.ensure_demo_lora(root), range(4)))
+    assert paths == [root / DEMO_LORA] * 4
+    assert [p.name for p in (root / DEMO_LORA).parent.iterdir()] == ["demo_lora.safetensors"]  # no leftovers
+    expected = tiny.write_aitoolkit_lora(tmp_path / "plain" / "demo_lora.safetensors")
+    with safe_open(root / DEMO_LORA, "pt") as ours, safe_open(expected, "pt") as theirs:
+        assert ours.metadata() == theirs.metadata() and ours.metadata()["name"] == "demo_lora"
+        assert sorted(ours.keys()) == sorted(theirs.keys())
+        assert all(torch.equal(ours.get_tensor(k), theirs.get_tensor(k)) for k in ours.keys())
+    written = (root / DEMO_LORA).stat().st_mtime_ns
+    tiny.ensure_demo_lora(root)
+    assert (root / DEMO_LORA).stat().st_mtime_ns == written  # there: left alone
