@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Self
 
 import httpx
 
@@ -328,6 +329,29 @@ def store_held(cluster: LocalCluster) -> StoreHeld:
 # ---- load: async jobs, /health ------------------------------------------------------------------------------
 
 
+class BackgroundLoad:
+    """Clients on an event loop of their own, on a thread, so the caller can kill nodes or watch Serve meanwhile:
+    `start()`, then `stop()` once the scenario is done (every client ends the request it has out)."""
+
+    unfinished = "the load did not end"  # stop()'s message when a client never returns
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 120) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), self.unfinished
+
+    async def _main(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
 class Probe:
     at: float  # seconds since the load started
@@ -336,14 +360,17 @@ class Probe:
     unavailable: list[str] = field(default_factory=list)
 
 
-class JobLoad:
+class JobLoad(BackgroundLoad):
     """`JOB_CLIENTS` clients, each submitting an async job and following it to its end, then the next.
 
     Every accepted job is recorded with how it ended; a /health poller records each answer and how long it
     took. Runs its own event loop on a thread, so the caller can kill a node meanwhile. An answer that is not
     200 (or no answer) is recorded as refused (a submission) or polled again (a job's status)."""
 
+    unfinished = "the load did not end: a job never finished"
+
     def __init__(self, url: str, timeout_s: float = 30):
+        super().__init__()
         self.url = url
         self.timeout_s = timeout_s
         self.accepted: list[str] = []
@@ -352,17 +379,6 @@ class JobLoad:
         self.refused: list[str] = []
         self.probes: list[Probe] = []
         self.started = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    def start(self) -> JobLoad:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 120) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
-        assert not self._thread.is_alive(), "the load did not end: a job never finished"
 
     def since(self) -> float:
         return time.monotonic() - self.started
@@ -488,25 +504,15 @@ def generator_node_lost(cluster: LocalCluster, victim: str = "w1", before_s: flo
 # ---- autoscaling across nodes -------------------------------------------------------------------------------
 
 
-class GenerateLoad:
+class GenerateLoad(BackgroundLoad):
     """`clients` clients sending sync /v1/generate requests of `shape` one after another, on a thread of its own."""
 
     def __init__(self, url: str, clients: int, shape: dict):
+        super().__init__()
         self.url = url
         self.clients = clients
         self.shape = shape
         self.answers: list[tuple[str, int]] = []  # (request id, or the error's name; status, 0 if none)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    def start(self) -> GenerateLoad:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 120) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
-        assert not self._thread.is_alive(), "the load did not end"
 
     async def _main(self) -> None:
         async with httpx.AsyncClient(timeout=120) as client:
