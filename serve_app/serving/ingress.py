@@ -41,15 +41,12 @@ class FluxIngress:
         self.api_key = load_api_key(args.auth)
         self.context = serve.get_replica_context()
         self._store: JobStore | None = None  # opened by the first probe that needs it (a blocking call)
+        jobs_client = FluxJobsClient(jobs, args.limits.retry_after_s)
         self.probe = HealthProbe(args.models, JOBS_DEPLOYMENT, self._deployments,
                                  lambda model: self.handles[model].ready.remote(), lambda: self.jobs.ping.remote(),
-                                 self._jobs_cause)
-        self.service = IngressService(
-            args,
-            Generators(generators, args.limits.retry_after_s),
-            FluxJobsClient(jobs, args.limits.retry_after_s),
-            self.health,
-        )
+                                 self._jobs_cause, lambda: jobs_client.answered_at)
+        self.service = IngressService(args, Generators(generators, args.limits.retry_after_s), jobs_client,
+                                      self.health)
         self.metrics = IngressMetrics()
         self._metrics_task = asyncio.get_running_loop().create_task(keep_exporting(self.metrics.export))
 

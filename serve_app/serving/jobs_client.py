@@ -39,6 +39,7 @@ class FluxJobsClient:
         self._handle = handle
         self._retry_after_s = retry_after_s
         self._retry_s = retry_s
+        self.answered_at: float | None = None  # time.monotonic() of FluxJobs' last answer, for the health probe
 
     async def submit(self, request_id: str, items: list[WorkItem], metadata: ResultMetadata, timeout_s: float,
                      webhook_url: str | None = None, tokens: dict[str, str] | None = None) -> StatusResponse:
@@ -70,7 +71,7 @@ class FluxJobsClient:
         delay = FIRST_DELAY_S
         while True:
             try:
-                return await call()
+                answer = await call()
             except (RayActorError, ReplicaUnavailableError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise ApiError(errors.JOBS_UNAVAILABLE, "the job service is restarting; retry later",
@@ -78,3 +79,9 @@ class FluxJobsClient:
                 logger.warning("FluxJobs.%s: its replica was lost (%s); sending it again", what, type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY_S)
+                continue
+            except ApiError:  # FluxJobs answered, with the request's error (no such job, say)
+                self.answered_at = time.monotonic()
+                raise
+            self.answered_at = time.monotonic()
+            return answer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from ray.exceptions import ActorDiedError, RayActorError
@@ -78,3 +79,20 @@ def test_an_api_error_is_not_retried():
     with pytest.raises(ApiError) as caught:
         asyncio.run(client.result("id"))
     assert caught.value.code == errors.REQUEST_NOT_FOUND and len(handle.result.calls) == 1
+
+
+def test_each_answer_of_flux_jobs_is_noted_for_the_health_probe_and_a_lost_call_is_not():
+    handle = FakeHandle(status=["answered"], result=[ApiError(errors.REQUEST_NOT_FOUND, "no such request")],
+                        cancel=[RayActorError()])
+    client = FluxJobsClient(handle, retry_after_s=7, retry_s=0.1)
+    assert client.answered_at is None
+    with pytest.raises(ApiError):
+        asyncio.run(client.cancel("id"))  # its replica lost at every try: no answer
+    assert client.answered_at is None
+    before = time.monotonic()
+    asyncio.run(client.status("id"))
+    assert client.answered_at is not None and client.answered_at >= before
+    noted = client.answered_at
+    with pytest.raises(ApiError):
+        asyncio.run(client.result("id"))  # an error of the request's is still an answer
+    assert client.answered_at > noted
