@@ -86,16 +86,21 @@ def assert_health_bounded(load, lost: set[str]) -> None:
 # ---- destructive: nodes lost, overlays; each leaves what the next one expects ---------------------------------
 
 
+def load_summary(result) -> str:
+    """What the job load of a node-loss scenario saw, for the test's printout."""
+    load = result.load
+    succeeded = load.outcomes()["succeeded"]
+    slowest = load.slowest()
+    return (f"jobs accepted {len(load.accepted)} ({result.accepted_before_kill} before the kill at "
+            f"{result.killed_at:.1f} s), succeeded {succeeded}, lost or failed {len(load.accepted) - succeeded}, "
+            f"refused {len(load.refused)}; /health polled {len(load.probes)} times, longest {slowest.took:.2f} s "
+            f"(at {slowest.at:.1f} s), answers {dict(Counter(str(p.status) for p in load.probes))}")
+
+
 def test_a_worker_node_lost_under_load_loses_no_job_and_its_replica_comes_back(cluster):
     result = scenarios.generator_node_lost(cluster)
     load = result.load
-    outcomes = load.outcomes()
-    slowest = load.slowest()
-    print(f"\nnode loss: jobs accepted {len(load.accepted)} ({result.accepted_before_kill} before the kill at "
-          f"{result.killed_at:.1f} s), succeeded {outcomes['succeeded']}, lost or failed "
-          f"{len(load.accepted) - outcomes['succeeded']}, refused {len(load.refused)}, work items sent again "
-          f"after the kill {result.retried}; /health polled {len(load.probes)} times, longest {slowest.took:.2f} s "
-          f"(at {slowest.at:.1f} s), answers {dict(Counter(str(p.status) for p in load.probes))}")
+    print(f"\nnode loss: {load_summary(result)}; work items sent again after the kill {result.retried}")
     print(f"node loss: w1 back; its replica RUNNING {result.running_after_s:.1f} s after the restart and serving "
           f"{result.serving_after_s:.1f} s after it ({result.serving_after_kill_s:.1f} s after the kill)")
     assert_every_job_succeeded_once(result)
@@ -152,16 +157,11 @@ def test_the_generator_scales_out_to_the_other_worker_under_load_and_back_in_as_
 def test_fluxjobs_node_lost_a_new_fluxjobs_on_another_node_finishes_every_job(cluster):
     result = scenarios.jobs_node_lost(cluster)
     load = result.load
-    outcomes = load.outcomes()
-    slowest = load.slowest()
     print(f"\nFluxJobs' node lost: FluxJobs on {result.victim} (with a generator replica: "
-          f"{result.victim_had_generator}), killed at {result.killed_at:.1f} s; jobs accepted {len(load.accepted)} "
-          f"({result.accepted_before_kill} before the kill), succeeded {outcomes['succeeded']}, refused "
-          f"{len(load.refused)}; the new FluxJobs RUNNING on {result.replacement_node} "
-          f"{result.replacement_running_after_s:.1f} s after the kill, every job in flight at the kill ended "
-          f"{result.in_flight_done_after_s} s after it, /health 200 {result.healthy_after_s:.1f} s after it, once "
-          f"the load was over "
-          f"(longest {slowest.took:.2f} s, answers {dict(Counter(str(p.status) for p in load.probes))})")
+          f"{result.victim_had_generator}); {load_summary(result)}; the new FluxJobs RUNNING on "
+          f"{result.replacement_node} {result.replacement_running_after_s:.1f} s after the kill, every job in flight "
+          f"at the kill ended {result.in_flight_done_after_s} s after it, /health 200 {result.healthy_after_s:.1f} s "
+          f"after it, once the load was over")
     assert result.victim in WORKERS and result.replacement_node in WORKERS and result.replacement_node != result.victim
     assert_every_job_succeeded_once(result)
     assert_health_bounded(load, lost={"flux", "jobs"})
