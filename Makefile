@@ -60,15 +60,18 @@ $(MYPY_STAMP):
 	$(PY) -m pip install -q --disable-pip-version-check mypy==$(MYPY_VERSION)
 	touch $(MYPY_STAMP)
 
-# Two pytest runs: tests/unit (no Ray) on two workers (pytest-xdist), then the tests that start Ray one at a
-# time (they share one local Ray Serve, or start clusters of their own). With PYTEST_ARGS, one run of those.
-# pytest's exit 5 (no test collected) is a failure. --durations=15: the slowest tests, every run.
+# Two pytest runs. First everything but the cluster on two pytest-xdist workers: the tests that share the
+# session's local Ray Serve (tests/serve, tests/browser) stay together on one worker (`--dist loadgroup`, their
+# group in tests/conftest.py), while the other takes the tests that start no Ray, in the time that Serve's tests
+# spend waiting. Then the cluster tests alone: they time what a lost node costs, so nothing else runs beside them.
+# With PYTEST_ARGS, one run of those. pytest's exit 5 (no test collected) is a failure. --durations=15: the
+# slowest tests, every run.
 PYTEST_RUN = $(PY) -m pytest --durations=15 $(1); rc=$$?; [ $$rc -ne 5 ] || { echo "no tests ran" >&2; exit 1; }; \
 	[ $$rc -eq 0 ] || exit $$rc
 test: setup
 ifeq ($(strip $(PYTEST_ARGS)),)
-	$(call PYTEST_RUN,tests/unit -n 2)
-	$(call PYTEST_RUN,tests --ignore=tests/unit)
+	$(call PYTEST_RUN,tests --ignore=tests/cluster -n 2 --dist loadgroup)
+	$(call PYTEST_RUN,tests/cluster)
 else
 	$(call PYTEST_RUN,$(PYTEST_ARGS))
 endif

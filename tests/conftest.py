@@ -106,6 +106,12 @@ def serve_url(flux_cache, tiny_dir, tmp_path_factory) -> str:
 _OWN_DEPLOYS = ("auth_app_url",)
 
 
+# The tests that share the session's local Ray Serve, one pytest-xdist group: under `--dist loadgroup` they run on
+# one worker, in this order, while the other workers take the tests that start no Ray.
+_SESSION_SERVE = ("tests/serve/", "tests/browser/")
+
+
+@pytest.hookimpl(tryfirst=True)  # pytest-xdist reads the groups in its own hook, which would otherwise run first
 def pytest_collection_modifyitems(items):
     """Tests that need no deployed app first (no Ray started yet: the cluster tests start their own), then the
     shared app's, then each app of its own (tests/serve/apps.py): a deploy replaces the app before it."""
@@ -116,6 +122,9 @@ def pytest_collection_modifyitems(items):
         return 2 + max(own) if own else 1 if "app_url" in names else 0
 
     items.sort(key=rank)  # stable: the collected order within each rank
+    for item in items:
+        if item.nodeid.startswith(_SESSION_SERVE):
+            item.add_marker(pytest.mark.xdist_group("serve"))
 
 
 @pytest.fixture(scope="session")
