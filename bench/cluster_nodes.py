@@ -63,6 +63,9 @@ TEST_TUNING = {
     "RAY_metrics_report_interval_ms": str(int(METRICS_INTERVAL_S * 1000)),
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
+# The longest Ray takes under TEST_TUNING to declare a lost node dead: 3 failed checks, each 1 s apart and up to
+# 1 s long.
+NODE_DEATH_S = 3 * (1.0 + 1.0)
 
 
 # ---- ports ------------------------------------------------------------------------------------------------

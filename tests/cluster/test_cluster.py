@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from bench import cluster_scenarios as scenarios
-from bench.cluster_nodes import WORKERS, documented_block
+from bench.cluster_nodes import NODE_DEATH_S, WORKERS, documented_block
 from bench.cluster_scenarios import HEALTH_LIMIT_S
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -74,13 +74,16 @@ def assert_every_job_succeeded_once(result) -> None:
         assert answer["status"] == "succeeded" and len(answer["outputs"]["images"]) == 1, answer
 
 
-def assert_health_bounded(load, lost: set[str]) -> None:
+def assert_health_bounded(load, lost: set[str], stalled: tuple[set[str], float] = (set(), 0.0)) -> None:
     """/health within the limit at every poll; 200, or 503 naming only what the lost node took (`lost`): `flux`
-    while no replica of it answered, `jobs` while FluxJobs was gone."""
+    while no replica of it answered, `jobs` while FluxJobs was gone. `stalled`: what may also be named until a
+    time of the load (seconds since it started)."""
     slowest = load.slowest()
     assert slowest.took < HEALTH_LIMIT_S, slowest
+    names, until = stalled
     for probe in load.probes:
-        assert probe.status == 200 or (probe.status == 503 and set(probe.unavailable) <= lost), probe
+        allowed = lost | names if probe.at <= until else lost
+        assert probe.status == 200 or (probe.status == 503 and set(probe.unavailable) <= allowed), probe
 
 
 # ---- destructive: nodes lost, overlays; each leaves what the next one expects ---------------------------------
@@ -105,7 +108,10 @@ def test_a_worker_node_lost_under_load_loses_no_job_and_its_replica_comes_back(c
           f"{result.serving_after_s:.1f} s after it ({result.serving_after_kill_s:.1f} s after the kill)")
     assert_every_job_succeeded_once(result)
     assert load.accepted and not load.refused, load.refused[:3]
-    assert_health_bounded(load, lost={"flux"})  # FluxJobs, on the head, always answers
+    # FluxJobs, on the head, answers throughout, but for one window: while it owes a reply to a caller on the lost
+    # node (a generator's progress report), Ray holds its event loop until it declares that node dead. Seen in
+    # FluxJobs' logs: no call answered from the kill until the node's death reached it, 2.4 s later.
+    assert_health_bounded(load, lost={"flux"}, stalled=({"jobs"}, result.killed_at + NODE_DEATH_S))
     assert load.probes[-1].status == 200, load.probes[-1]
     # The node came back (by its documented command): Serve put a new replica there, and it served.
     assert result.replaced and result.served
