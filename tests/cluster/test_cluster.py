@@ -89,6 +89,10 @@ def assert_health_bounded(load, lost: set[str], stalled: tuple[set[str], float] 
 # ---- destructive: nodes lost, overlays; each leaves what the next one expects ---------------------------------
 
 
+def seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
 def load_summary(result) -> str:
     """What the job load of a node-loss scenario saw, for the test's printout."""
     load = result.load
@@ -166,8 +170,8 @@ def test_fluxjobs_node_lost_a_new_fluxjobs_on_another_node_finishes_every_job(cl
     print(f"\nFluxJobs' node lost: FluxJobs on {result.victim} (with a generator replica: "
           f"{result.victim_had_generator}); {load_summary(result)}; the new FluxJobs RUNNING on "
           f"{result.replacement_node} {result.replacement_running_after_s:.1f} s after the kill, every job in flight "
-          f"at the kill ended {result.in_flight_done_after_s} s after it, /health 200 {result.healthy_after_s:.1f} s "
-          f"after it, once the load was over")
+          f"at the kill ended {seconds(result.in_flight_done_after_s)} after it, /health 200 "
+          f"{result.healthy_after_s:.1f} s after it, once the load was over")
     assert result.victim in WORKERS and result.replacement_node in WORKERS and result.replacement_node != result.victim
     assert_every_job_succeeded_once(result)
     assert_health_bounded(load, lost={"flux", "jobs"})
